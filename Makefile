@@ -1,0 +1,30 @@
+# Everything installs into a project-local virtual environment, once: the stamp file records a
+# finished install, and is remade only when a file that defines the environment changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.retinanet_plugin-installed
+ENV_FILES := requirements-torch.txt requirements.txt scripts/install_detectron2.sh \
+	scripts/detectron2_C_stub.py setup.py
+
+.PHONY: install test bench lint clean-venv
+
+install: $(STAMP)
+
+$(STAMP): $(ENV_FILES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-torch.txt
+	$(PY) -m pip install --quiet -r requirements.txt
+	PYTHON=$(PY) bash scripts/install_detectron2.sh
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -m pip check
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/focal_loss.py
+
+clean-venv:
+	rm -rf $(VENV)
