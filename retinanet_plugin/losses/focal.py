@@ -1,0 +1,233 @@
+"""The focal-loss family of Lin et al. (ICCV 2017), as functions.
+
+Shape shorthand:
+    M: number of rows (anchors)
+    K: number of foreground classes (one sigmoid each)
+    C: number of softmax classes (K + 1 with background)
+
+The dense-target functions follow fvcore's call convention
+(``sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2, reduction="none")``, targets a float
+tensor of the logits' shape, ``alpha < 0`` disables alpha-balancing), so they are drop-in
+replacements. The ``*_from_labels`` variants take class indices instead (background = K,
+ignore = -1) and never build the dense one-hot target the model would otherwise allocate.
+
+The default implementations are fused (see :mod:`retinanet_plugin.losses.fused`); the
+``*_reference`` functions compute Eq. 5 and Appendix A term by term with autograd and are what the
+fused ones are tested against.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from . import fused
+
+__all__ = [
+    "sigmoid_focal_loss",
+    "sigmoid_focal_loss_star",
+    "sigmoid_focal_loss_from_labels",
+    "sigmoid_focal_loss_star_from_labels",
+    "softmax_focal_loss",
+    "alpha_balanced_ce",
+    "sigmoid_focal_loss_reference",
+    "sigmoid_focal_loss_star_reference",
+    "check_focal_params",
+]
+
+
+def check_focal_params(alpha: float, gamma: float, *, alpha_name: str = "alpha",
+                       gamma_name: str = "gamma", star: bool = False) -> None:
+    """Raise ValueError naming the argument (or config key) when alpha or gamma is invalid.
+
+    alpha must lie in [0, 1], or be negative to disable alpha-balancing; gamma must be >= 0
+    (> 0 for FL*, which divides by it).
+    """
+    if not alpha < 0 and not 0 <= alpha <= 1:
+        raise ValueError(
+            f"{alpha_name} must be in [0, 1], or negative to disable alpha-balancing; got {alpha}"
+        )
+    if star and not gamma > 0:
+        raise ValueError(f"{gamma_name} must be > 0 for FL* (it divides by gamma); got {gamma}")
+    if not gamma >= 0:
+        raise ValueError(f"{gamma_name} must be >= 0; got {gamma}")
+
+
+def _check_dense(inputs: Tensor, targets: Tensor) -> None:
+    if inputs.shape != targets.shape:
+        raise ValueError(
+            f"targets must have the logits' shape {tuple(inputs.shape)}, got {tuple(targets.shape)}"
+        )
+    if not inputs.is_floating_point():
+        raise TypeError(f"inputs must be a floating-point tensor, got {inputs.dtype}")
+
+
+def _check_labels(logits: Tensor, labels: Tensor, alpha_per_class: Optional[Tensor]) -> None:
+    if logits.dim() < 1 or labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.is_floating_point():
+        raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
+    if alpha_per_class is not None and alpha_per_class.shape != (logits.shape[-1],):
+        raise ValueError(
+            f"alpha_per_class must have one value per class ({logits.shape[-1]}), "
+            f"got shape {tuple(alpha_per_class.shape)}"
+        )
+
+
+def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                       reduction: str = "none") -> Tensor:
+    """Focal loss FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t) (Eq. 5), fused.
+
+    Args:
+        inputs (Tensor): logits, any shape.
+        targets (Tensor): inputs' shape, float in [0, 1] (1 = positive).
+        alpha (float): weight of positives (1 - alpha for negatives); < 0 disables it.
+        gamma (float): focusing parameter, >= 0 (0 gives alpha-balanced CE).
+        reduction (str): "none", "mean" or "sum".
+
+    Returns:
+        Tensor: the loss, inputs' shape for "none", else a scalar; float64 for float64 inputs,
+        float32 otherwise.
+    """
+    _check_dense(inputs, targets)
+    check_focal_params(alpha, gamma)
+    return fused.fused(fused.dense_focal, reduction, inputs, targets, float(alpha), float(gamma),
+                       alpha >= 0, gamma != 0)
+
+
+def sigmoid_focal_loss_star(inputs: Tensor, targets: Tensor, gamma: float = 1.0, beta: float = 0.0,
+                            alpha: float = -1, reduction: str = "none") -> Tensor:
+    """FL* (Appendix A): -log(sigmoid(gamma x_t + beta)) / gamma, with x_t = (2t - 1) x, fused.
+
+    With beta = 0 this equals fvcore's ``sigmoid_focal_loss_star``. Table 3 of the paper: gamma=2,
+    beta=1 gives 33.8 AP and gamma=4, beta=0 gives 33.9 AP against FL's 34.0.
+
+    Args:
+        inputs (Tensor): logits, any shape.
+        targets (Tensor): inputs' shape, float in {0, 1}.
+        gamma (float): > 0.
+        beta (float): offset.
+        alpha (float): as in :func:`sigmoid_focal_loss`; disabled (-1) by default as in fvcore.
+        reduction (str): "none", "mean" or "sum".
+    """
+    _check_dense(inputs, targets)
+    check_focal_params(alpha, gamma, star=True)
+    return fused.fused(fused.dense_focal_star, reduction, inputs, targets, float(gamma),
+                       float(beta), float(alpha), alpha >= 0)
+
+
+def sigmoid_focal_loss_from_labels(logits: Tensor, labels: Tensor, alpha: float = 0.25,
+                                   gamma: float = 2.0, reduction: str = "sum",
+                                   alpha_per_class: Optional[Tensor] = None) -> Tensor:
+    """Eq. 5 with class-index targets, without building a one-hot tensor.
+
+    Equal to ``sigmoid_focal_loss(logits, one_hot(labels)[..., :K])`` over the non-ignored rows.
+
+    Args:
+        logits (Tensor): (..., K).
+        labels (Tensor): (...) int; 0..K-1 foreground, K (any value >= K) background, -1 ignored
+            (no loss and no gradient for that row).
+        alpha (float): weight of the positive class; < 0 disables alpha-balancing.
+        gamma (float): >= 0.
+        reduction (str): "sum" (default, the detector's), "mean" (over all elements, ignored rows
+            included) or "none" (logits' shape; ignored rows are 0).
+        alpha_per_class (Tensor, optional): (K,) per-class alpha, replacing ``alpha``.
+    """
+    _check_labels(logits, labels, alpha_per_class)
+    check_focal_params(alpha, gamma)
+    return fused.fused(fused.label_focal, reduction, logits, labels, float(alpha), float(gamma),
+                       alpha >= 0, gamma != 0, alpha_per_class)
+
+
+def sigmoid_focal_loss_star_from_labels(logits: Tensor, labels: Tensor, gamma: float = 1.0,
+                                        beta: float = 0.0, alpha: float = -1,
+                                        reduction: str = "sum",
+                                        alpha_per_class: Optional[Tensor] = None) -> Tensor:
+    """FL* (Appendix A) with class-index targets; labels as in
+    :func:`sigmoid_focal_loss_from_labels`."""
+    _check_labels(logits, labels, alpha_per_class)
+    check_focal_params(alpha, gamma, star=True)
+    return fused.fused(fused.label_focal_star, reduction, logits, labels, float(alpha),
+                       float(gamma), float(beta), alpha >= 0, alpha_per_class)
+
+
+def alpha_balanced_ce(inputs: Tensor, targets: Tensor, alpha: float = 0.25,
+                      reduction: str = "none") -> Tensor:
+    """Alpha-balanced cross-entropy -alpha_t log(p_t), the baseline of Table 1a (gamma = 0)."""
+    return sigmoid_focal_loss(inputs, targets, alpha=alpha, gamma=0.0, reduction=reduction)
+
+
+def softmax_focal_loss(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                       background_index: Optional[int] = None,
+                       reduction: str = "none") -> Tensor:
+    """Focal loss over a softmax of C classes (the paper's footnote), -alpha_t (1-p_t)^g log p_t.
+
+    Args:
+        logits (Tensor): (M, C).
+        labels (Tensor): (M,) int in [0, C), or -1 to ignore the row.
+        alpha (float): weight of foreground rows, 1 - alpha for rows labelled
+            ``background_index``; < 0 (or no background_index) weighs every row 1.
+        gamma (float): >= 0.
+        background_index (int, optional): the background class, usually C - 1.
+        reduction (str): "none" ((M,), 0 for ignored rows), "mean" (over non-ignored rows) or
+            "sum".
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"softmax_focal_loss expects logits (M, C) and labels (M,), got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    check_focal_params(alpha, gamma)
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    valid = labels >= 0
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    log_p_t = F.log_softmax(logits.to(fused.compute_dtype(logits.dtype)), dim=-1)
+    log_p_t = log_p_t.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    loss = -((1 - log_p_t.exp()) ** gamma) * log_p_t if gamma != 0 else -log_p_t
+    if alpha >= 0 and background_index is not None:
+        loss = loss * torch.where(safe == background_index, 1 - alpha, alpha)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / valid.sum().clamp(min=1)
+    return loss
+
+
+def sigmoid_focal_loss_reference(inputs: Tensor, targets: Tensor, alpha: float = 0.25,
+                                 gamma: float = 2.0, reduction: str = "none") -> Tensor:
+    """Eq. 5 term by term, differentiated by autograd; the oracle for the fused version.
+
+    With soft targets the cross-entropy term is -(t log p + (1-t) log(1-p)), as in fvcore.
+    """
+    p = torch.sigmoid(inputs)
+    p_t = p * targets + (1 - p) * (1 - targets)
+    ce = -(targets * F.logsigmoid(inputs) + (1 - targets) * F.logsigmoid(-inputs))
+    loss = (1 - p_t) ** gamma * ce
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return _reduce(loss, reduction)
+
+
+def sigmoid_focal_loss_star_reference(inputs: Tensor, targets: Tensor, gamma: float = 1.0,
+                                      beta: float = 0.0, alpha: float = -1,
+                                      reduction: str = "none") -> Tensor:
+    """Appendix A term by term: p*_t = sigmoid(gamma x_t + beta), FL* = -log(p*_t) / gamma."""
+    x_t = inputs * (2 * targets - 1)
+    loss = -F.logsigmoid(gamma * x_t + beta) / gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return _reduce(loss, reduction)
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.mean()
+    return loss

@@ -1,0 +1,266 @@
+"""The focal-loss family: exactness against Eq. 5 / Appendix A / B, fvcore and torchvision."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torchvision
+from fvcore.nn import sigmoid_focal_loss as fvcore_focal
+from fvcore.nn import sigmoid_focal_loss_star as fvcore_focal_star
+from torch.nn import functional as F
+
+from retinanet_plugin.losses import (
+    alpha_balanced_ce,
+    fused,
+    sigmoid_focal_loss,
+    sigmoid_focal_loss_from_labels,
+    sigmoid_focal_loss_reference,
+    sigmoid_focal_loss_star,
+    sigmoid_focal_loss_star_from_labels,
+    sigmoid_focal_loss_star_reference,
+    softmax_focal_loss,
+)
+
+TINY = torch.finfo(torch.float32).tiny
+SHAPES = [(0, 5), (17, 3), (2, 9, 4)]
+ALPHAS = [0.25, 0.5, 0.9, -1.0]
+GAMMAS = [0.0, 0.5, 1.0, 2.0, 5.0]
+
+
+def _data(shape, dtype=torch.float64, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    t = (torch.rand(shape, generator=g) < 0.3).to(dtype)
+    return x, t
+
+
+def _value_and_grad(fn, x, *args, **kwargs):
+    x = x.detach().clone().requires_grad_()
+    loss = fn(x, *args, **kwargs)
+    # A non-uniform upstream gradient checks that backward scales elementwise, not just sums.
+    w = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    if loss.dim() == 0:
+        w = torch.ones_like(loss)
+    (grad,) = torch.autograd.grad((loss * w).sum(), x, allow_unused=True)
+    return loss.detach(), torch.zeros_like(x) if grad is None else grad
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_fused_equals_eq5_and_torchvision_float64(shape, reduction):
+    x, t = _data(shape)
+    for alpha, gamma in itertools.product(ALPHAS, GAMMAS):
+        ours, g_ours = _value_and_grad(sigmoid_focal_loss, x, t, alpha, gamma, reduction)
+        ref, g_ref = _value_and_grad(sigmoid_focal_loss_reference, x, t, alpha, gamma, reduction)
+        tv, g_tv = _value_and_grad(torchvision.ops.sigmoid_focal_loss, x, t, alpha, gamma,
+                                   reduction)
+        assert ours.dtype == torch.float64
+        # equal_nan: the mean of an empty input is NaN in all three.
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14, equal_nan=True)
+        torch.testing.assert_close(ours, tv, rtol=1e-12, atol=1e-14, equal_nan=True)
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(g_ours, g_tv, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_fused_equals_fvcore_float32(reduction):
+    x, t = _data((64, 10), torch.float32)
+    for alpha, gamma in itertools.product([0.25, -1.0], [0.0, 1.0, 2.0]):
+        ours, g_ours = _value_and_grad(sigmoid_focal_loss, x, t, alpha, gamma, reduction)
+        theirs, g_theirs = _value_and_grad(fvcore_focal, x, t, alpha, gamma, reduction)
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(g_ours, g_theirs, rtol=2e-5, atol=1e-6)
+
+
+def test_star_equals_appendix_a_and_fvcore():
+    x, t = _data((40, 6))
+    for gamma, beta, alpha in [(1.0, 0.0, -1), (2.0, 1.0, -1), (4.0, 0.0, 0.25)]:
+        ours, g_ours = _value_and_grad(sigmoid_focal_loss_star, x, t, gamma, beta, alpha, "sum")
+        ref, g_ref = _value_and_grad(sigmoid_focal_loss_star_reference, x, t, gamma, beta, alpha,
+                                     "sum")
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-15)
+    # fvcore's FL* has no beta; with beta = 0 the two agree (fvcore works in float32).
+    xf, tf = x.float(), t.float()
+    ours, g_ours = _value_and_grad(sigmoid_focal_loss_star, xf, tf, 2.0, 0.0, -1, "none")
+    theirs, g_theirs = _value_and_grad(fvcore_focal_star, xf, tf, -1, 2.0, "none")
+    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0, 5.0])
+def test_gradient_equals_appendix_b(gamma):
+    # Appendix B (no alpha): dFL/dx = y (1 - p_t)^gamma (gamma p_t log(p_t) + p_t - 1), y = +-1.
+    x, t = _data((30, 4), scale=4.0)
+    _, grad = _value_and_grad(lambda z: sigmoid_focal_loss(z, t, -1, gamma, "sum"), x)
+    y = 2 * t - 1
+    p_t = torch.sigmoid(y * x)
+    expected = y * (1 - p_t) ** gamma * (gamma * p_t * torch.log(p_t) + p_t - 1)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-15)
+    # dCE/dx = y (p_t - 1) for gamma = 0.
+    _, grad_ce = _value_and_grad(lambda z: sigmoid_focal_loss(z, t, -1, 0.0, "sum"), x)
+    torch.testing.assert_close(grad_ce, y * (p_t - 1), rtol=1e-12, atol=1e-15)
+    # FL*: dFL*/dx = y (p*_t - 1), p*_t = sigmoid(gamma x_t + beta).
+    _, grad_star = _value_and_grad(lambda z: sigmoid_focal_loss_star(z, t, gamma, 1.0, -1, "sum"),
+                                   x)
+    p_star = torch.sigmoid(gamma * y * x + 1.0)
+    torch.testing.assert_close(grad_star, y * (p_star - 1), rtol=1e-10, atol=1e-15)
+
+
+def test_gradcheck_float64():
+    x, t = _data((6, 3))
+    labels = torch.tensor([0, 3, -1, 2, 1, 3])
+    x = x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: sigmoid_focal_loss(z, t, 0.3, 1.5, "none"), (x,))
+    assert torch.autograd.gradcheck(lambda z: sigmoid_focal_loss_star(z, t, 2.0, 1.0), (x,))
+    assert torch.autograd.gradcheck(
+        lambda z: sigmoid_focal_loss_from_labels(z, labels, 0.25, 2.0, "sum"), (x,)
+    )
+    assert torch.autograd.gradcheck(
+        lambda z: softmax_focal_loss(z, labels.clamp(max=2), 0.25, 2.0, 2, "sum"), (x,)
+    )
+
+
+def test_golden_values_of_the_paper():
+    # Sec. 3.2: with gamma = 2, p_t = 0.9 gets (1 - 0.9)^2 = 1/100 of CE's loss and p_t = 0.968
+    # gets 0.032^2 = 1/976.6 (the paper's "1000x").
+    for p_t, ratio in [(0.9, 0.01), (0.968, 0.032**2)]:
+        x = torch.tensor([math.log(p_t / (1 - p_t))], dtype=torch.float64)
+        t = torch.ones(1, dtype=torch.float64)
+        fl = sigmoid_focal_loss(x, t, -1, 2.0)
+        ce = sigmoid_focal_loss(x, t, -1, 0.0)
+        torch.testing.assert_close(ce, torch.tensor([-math.log(p_t)], dtype=torch.float64))
+        torch.testing.assert_close(fl / ce, torch.tensor([ratio], dtype=torch.float64))
+    # alpha-balanced CE of a negative at p = 0.5: (1 - 0.25) * log 2.
+    zero = torch.zeros(1, dtype=torch.float64)
+    torch.testing.assert_close(alpha_balanced_ce(zero, zero, 0.25),
+                               torch.tensor([0.75 * math.log(2)], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_from_labels_equals_dense_one_hot(gamma):
+    x, _ = _data((50, 7))
+    labels = torch.randint(-1, 8, (50,), generator=torch.Generator().manual_seed(1))
+    valid = labels >= 0
+    one_hot = F.one_hot(labels.clamp(min=0), 8)[:, :7].double()
+    ours, g_ours = _value_and_grad(
+        lambda z: sigmoid_focal_loss_from_labels(z, labels, 0.25, gamma, "sum"), x
+    )
+    dense, g_dense = _value_and_grad(
+        lambda z: sigmoid_focal_loss_reference(z[valid], one_hot[valid], 0.25, gamma, "sum"), x
+    )
+    torch.testing.assert_close(ours, dense, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_ours, g_dense, rtol=1e-10, atol=1e-15)
+    assert (g_ours[~valid] == 0).all()
+    # A per-class alpha vector weighs each column's positives by its own alpha.
+    alphas = torch.linspace(0.1, 0.9, 7, dtype=torch.float64)
+    per_class = sigmoid_focal_loss_from_labels(x, labels, gamma=gamma, reduction="none",
+                                               alpha_per_class=alphas)
+    expected = sigmoid_focal_loss_reference(x, one_hot, -1, gamma) * (
+        one_hot * alphas + (1 - one_hot) * (1 - alphas)
+    )
+    torch.testing.assert_close(per_class, expected * valid.unsqueeze(1), rtol=1e-12, atol=1e-20)
+    star = sigmoid_focal_loss_star_from_labels(x, labels, 2.0, 1.0)
+    star_dense = sigmoid_focal_loss_star_reference(x[valid], one_hot[valid], 2.0, 1.0,
+                                                   reduction="sum")
+    torch.testing.assert_close(star, star_dense, rtol=1e-12, atol=0)
+
+
+def test_large_logits_float32_match_float64():
+    # |x| up to 1e4: every combination of confidently right / wrong positive / negative.
+    x64 = torch.tensor([-1e4, -300.0, -30.0, -10.0, 0.0, 10.0, 30.0, 300.0, 1e4],
+                       dtype=torch.float64).repeat(2, 1)
+    t64 = torch.zeros_like(x64)
+    t64[1] = 1
+    truth = sigmoid_focal_loss_reference(x64, t64, 0.25, 2.0)
+    for fn in (sigmoid_focal_loss, sigmoid_focal_loss_star):
+        args = (0.25, 2.0) if fn is sigmoid_focal_loss else (2.0, 0.0, 0.25)
+        loss, grad = _value_and_grad(fn, x64.float(), t64.float(), *args)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        if fn is sigmoid_focal_loss:
+            torch.testing.assert_close(loss.double(), truth, rtol=1e-5, atol=1e-30)
+    # A confidently wrong negative (x = 1e4, t = 0) costs (1 - alpha) * 1e4, not a clamped value.
+    assert loss is not None
+    wrong = sigmoid_focal_loss(torch.tensor([1e4]), torch.tensor([0.0]), 0.25, 2.0)
+    torch.testing.assert_close(wrong, torch.tensor([0.75 * 1e4]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32(dtype):
+    # A background logit of -30 in fp16 (exp(-30) underflows fp16) and confident wrong answers.
+    x = torch.tensor([[-30.0, 30.0, -8.0, 0.5], [15.0, -15.0, 3.0, -0.25]], dtype=dtype)
+    t = torch.tensor([[0.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 1.0]], dtype=dtype)
+    loss, grad = _value_and_grad(sigmoid_focal_loss, x, t, 0.25, 2.0)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    truth = sigmoid_focal_loss_reference(x.double(), t.double(), 0.25, 2.0)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), truth, rtol=1e-5, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.nn.Linear(4, 4)(x.float())
+        assert logits.dtype == torch.bfloat16
+        auto = sigmoid_focal_loss(logits, t.float(), reduction="sum")
+    assert auto.dtype == torch.float32 and torch.isfinite(auto)
+
+
+def test_inputs_not_modified_in_place():
+    x, t = _data((20, 5), torch.float32)
+    labels = torch.randint(-1, 6, (20,))
+    snapshots = [z.clone() for z in (x, t, labels)]
+    x = x.requires_grad_()
+    versions = (x._version, t._version, labels._version)
+    (sigmoid_focal_loss(x, t, reduction="sum") + sigmoid_focal_loss_star(x, t).sum()
+     + sigmoid_focal_loss_from_labels(x, labels)).backward()
+    for now, before in zip((x.detach(), t, labels), snapshots):
+        assert torch.equal(now, before)
+    assert (x._version, t._version, labels._version) == versions
+
+
+def test_tiny_gradients_are_flushed_not_subnormal():
+    # Extreme negatives give d loss / dx ~ exp(-3x) that is subnormal in float32 before scaling.
+    x = torch.linspace(10, 40, 2000).reshape(200, 10)
+    labels = torch.full((200,), 10)
+    x = x.neg().requires_grad_()
+    (sigmoid_focal_loss_from_labels(x, labels) / 1e6).backward()
+    g = x.grad.abs()
+    assert (g > 0).any()
+    assert ((g == 0) | (g >= TINY)).all()
+
+
+def test_softmax_focal_loss_golden_values():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0]],
+                          dtype=torch.float64)
+    labels = torch.tensor([0, 2, -1])
+    # gamma = 0 and no alpha is plain softmax cross-entropy over the non-ignored rows.
+    ce = F.cross_entropy(logits[:2], labels[:2], reduction="sum")
+    torch.testing.assert_close(softmax_focal_loss(logits, labels, -1, 0.0, reduction="sum"), ce)
+    # Row 1: uniform over 3 classes, p_t = 1/3, background (index 2) weighted 1 - alpha:
+    # 0.75 * (2/3)^2 * log 3.
+    loss = softmax_focal_loss(logits, labels, 0.25, 2.0, background_index=2)
+    torch.testing.assert_close(loss[1], torch.tensor(0.75 * (2 / 3) ** 2 * math.log(3),
+                                                     dtype=torch.float64))
+    assert loss[2] == 0
+
+
+def test_bad_arguments_are_named():
+    x, t = _data((4, 3))
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        sigmoid_focal_loss(x, t, gamma=-1.0)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        sigmoid_focal_loss(x, t, alpha=1.5)
+    with pytest.raises(ValueError, match="targets must have the logits' shape"):
+        sigmoid_focal_loss(x, t[:2])
+    with pytest.raises(ValueError, match="reduction"):
+        sigmoid_focal_loss(x, t, reduction="avg")
+    with pytest.raises(ValueError, match="gamma must be > 0 for FL"):
+        sigmoid_focal_loss_star(x, t, gamma=0.0)
+    with pytest.raises(TypeError, match="integer tensor of class indices"):
+        sigmoid_focal_loss_from_labels(x, t[:, 0])
+
+
+def test_fused_kernels_are_compiled_here():
+    # The benchmark's speed comes from the compiled kernels: they must not have fallen back.
+    x, t = _data((8, 3), torch.float32)
+    sigmoid_focal_loss(x, t)
+    assert fused.dense_focal.backend == ("inductor" if fused._compile_enabled() else "eager")
