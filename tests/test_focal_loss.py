@@ -264,3 +264,15 @@ def test_fused_kernels_are_compiled_here():
     x, t = _data((8, 3), torch.float32)
     sigmoid_focal_loss(x, t)
     assert fused.dense_focal.backend == ("inductor" if fused._compile_enabled() else "eager")
+
+
+def test_repeated_backward_with_retain_graph_gives_the_same_gradient():
+    # The first backward rescales the kept gradient in place; later ones must still be right.
+    x, t = _data((5, 3), torch.float32)
+    x.requires_grad_()
+    loss = sigmoid_focal_loss(x, t, reduction="sum")
+    (g1,) = torch.autograd.grad(loss * 3, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss * 0.5, x)
+    _, expected = _value_and_grad(sigmoid_focal_loss_reference, x, t, 0.25, 2.0, "sum")
+    torch.testing.assert_close(g1, 3 * expected)
+    torch.testing.assert_close(g2, 0.5 * expected)

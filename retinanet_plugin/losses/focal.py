@@ -96,7 +96,7 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     _check_dense(inputs, targets)
     check_focal_params(alpha, gamma)
     return fused.fused(fused.dense_focal, reduction, inputs, targets, float(alpha), float(gamma),
-                       alpha >= 0, gamma != 0)
+                       alpha >= 0, fused.gamma_mode(gamma))
 
 
 def sigmoid_focal_loss_star(inputs: Tensor, targets: Tensor, gamma: float = 1.0, beta: float = 0.0,
@@ -140,7 +140,7 @@ def sigmoid_focal_loss_from_labels(logits: Tensor, labels: Tensor, alpha: float 
     _check_labels(logits, labels, alpha_per_class)
     check_focal_params(alpha, gamma)
     return fused.fused(fused.label_focal, reduction, logits, labels, float(alpha), float(gamma),
-                       alpha >= 0, gamma != 0, alpha_per_class)
+                       alpha >= 0, fused.gamma_mode(gamma), alpha_per_class)
 
 
 def sigmoid_focal_loss_star_from_labels(logits: Tensor, labels: Tensor, gamma: float = 1.0,

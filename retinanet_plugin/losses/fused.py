@@ -44,15 +44,31 @@ def _sigmoids(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return torch.where(pos, inv, e * inv), torch.where(pos, e * inv, inv), e
 
 
+def gamma_mode(gamma: float) -> int:
+    """Kernel variant for gamma: 0, 1 and 2 (the paper's default) get exact products instead of
+    a general power (exp and log per element); -1 means any other value."""
+    return int(gamma) if gamma in (0.0, 1.0, 2.0) else -1
+
+
+def _power(q: Tensor, gamma: Tensor, mode: int) -> Tensor:
+    """q ** gamma for q >= 0."""
+    if mode == 1:
+        return q
+    if mode == 2:
+        return q * q
+    return q**gamma
+
+
 def _dense_focal(x: Tensor, t: Tensor, alpha: Tensor, gamma: Tensor, use_alpha: bool,
-                 use_gamma: bool, reduce: bool):
+                 mode: int, reduce: bool):
     """Eq. 5 with float targets t in [0, 1] (fvcore's convention), value and d/dx.
 
     Args:
         x (Tensor): logits, any shape, float32 or float64.
         t (Tensor): targets, x's shape and dtype.
         alpha, gamma (Tensor): 0-dim; tensors rather than Python floats so that one compiled
-            kernel serves every value. use_alpha / use_gamma say whether alpha >= 0 / gamma != 0.
+            kernel serves every value. use_alpha says whether alpha >= 0; mode is
+            gamma_mode(gamma).
     """
     s_pos, s_neg, e = _sigmoids(x)
     # BCE with logits written so that t in {0, 1} never subtracts two large numbers.
@@ -63,14 +79,19 @@ def _dense_focal(x: Tensor, t: Tensor, alpha: Tensor, gamma: Tensor, use_alpha: 
         a_t = alpha * t + (1 - alpha) * (1 - t)
     else:
         a_t = torch.ones_like(x)
-    if not use_gamma:
+    if mode == 0:
         loss = a_t * ce
         grad = a_t * dce
     else:
-        mod = q**gamma
+        mod = _power(q, gamma, mode)
         dq = (1 - 2 * t) * s_pos * s_neg
         # gamma * q^(gamma-1) * dq, with the q = 0 limit (0 for any gamma > 0) taken explicitly.
-        dmod = torch.where(q > 0, gamma * q ** (gamma - 1) * dq, torch.zeros_like(q))
+        if mode == 1:
+            dmod = dq
+        elif mode == 2:
+            dmod = 2 * q * dq
+        else:
+            dmod = torch.where(q > 0, gamma * q ** (gamma - 1) * dq, torch.zeros_like(q))
         loss = a_t * mod * ce
         grad = a_t * (dmod * ce + mod * dce)
     return (loss.sum() if reduce else loss), _flush(grad)
@@ -108,7 +129,7 @@ def _label_weights(labels: Tensor, num_classes: int, alpha: Tensor, use_alpha: b
 
 
 def _label_focal(x: Tensor, labels: Tensor, alpha: Tensor, gamma: Tensor, use_alpha: bool,
-                 use_gamma: bool, alpha_vec: Optional[Tensor], reduce: bool):
+                 mode: int, alpha_vec: Optional[Tensor], reduce: bool):
     """Eq. 5 with class-index targets, value and d/dx, without a dense one-hot input.
 
     Args:
@@ -120,7 +141,7 @@ def _label_focal(x: Tensor, labels: Tensor, alpha: Tensor, gamma: Tensor, use_al
     x_t = torch.where(is_t, x, -x)
     p_t, q, e = _sigmoids(x_t)
     nll = torch.clamp(-x_t, min=0) + torch.log1p(e)  # -log p_t
-    w = a_t * q**gamma if use_gamma else a_t
+    w = a_t * _power(q, gamma, mode) if mode != 0 else a_t
     loss = w * nll
     # Appendix B: dFL/dx_t = (1 - p_t)^gamma (gamma p_t log p_t + p_t - 1).
     g_t = -w * (gamma * p_t * nll + q)
@@ -142,6 +163,11 @@ def _label_focal_star(x: Tensor, labels: Tensor, alpha: Tensor, gamma: Tensor, b
 
 def _scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
     return _flush(grad * scale)
+
+
+def _scale_grad_(grad: Tensor, scale: Tensor) -> Tensor:
+    # In place: a fresh (M, K) buffer on CPU costs about as much as the arithmetic.
+    return grad.copy_(_flush(grad * scale))
 
 
 def _compile_enabled() -> bool:
@@ -181,6 +207,7 @@ dense_focal_star = _Kernel(_dense_focal_star)
 label_focal = _Kernel(_label_focal)
 label_focal_star = _Kernel(_label_focal_star)
 scale_grad = _Kernel(_scale_grad)
+scale_grad_ = _Kernel(_scale_grad_)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -195,6 +222,7 @@ class _FusedLoss(torch.autograd.Function):
     def forward(ctx, kernel, reduction: str, x: Tensor, *args):
         ctx.in_dtype = x.dtype
         ctx.num_args = len(args)
+        ctx.scaled_by = None
         # As torch's mean: the mean of an empty input is NaN (fvcore and torchvision agree).
         ctx.mean_over = x.numel() if reduction == "mean" else 1
         cdt = compute_dtype(x.dtype)
@@ -209,18 +237,35 @@ class _FusedLoss(torch.autograd.Function):
             loss, grad = kernel(x.detach().to(cdt), *args, reduction != "none")
         if reduction == "mean":
             loss = loss / ctx.mean_over
-        ctx.save_for_backward(grad)
+        # Kept as an attribute, not with save_for_backward: backward rescales it in place, and
+        # nothing but this Function ever sees it.
+        ctx.grad = grad
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        (grad,) = ctx.saved_tensors
+        grad = ctx.grad
         scale = grad_out.to(grad.dtype)
         if ctx.mean_over not in (0, 1):
             scale = scale / ctx.mean_over
-        grad_x = scale_grad(grad, scale).to(ctx.in_dtype)
-        return (None, None, grad_x) + (None,) * ctx.num_args
+        if scale.dim() != 0:
+            grad_x = scale_grad(grad, scale)
+        elif ctx.scaled_by is None:
+            # The kept gradient is ours alone, so the first backward rescales it in place (a
+            # fresh (M, K) buffer costs as much as the arithmetic on CPU); the grad handed to
+            # autograd is a view so that accumulating into x.grad cannot alter it.
+            ctx.scaled_by = scale
+            grad_x = scale_grad_(grad, scale).view_as(grad)
+        else:
+            # A further backward (retain_graph=True) undoes the first scale out of place.
+            if bool(ctx.scaled_by == 0):
+                raise RuntimeError(
+                    "a second backward through a fused focal loss whose first backward had a "
+                    "zero upstream gradient cannot be computed; recompute the loss"
+                )
+            grad_x = scale_grad(grad, scale / ctx.scaled_by)
+        return (None, None, grad_x.to(ctx.in_dtype)) + (None,) * ctx.num_args
 
 
 def fused(kernel: _Kernel, reduction: str, x: Tensor, *args) -> Tensor:
