@@ -11,6 +11,20 @@ build instead of an obscure ImportError. RetinaNet needs none of these ops.
 IS_PLACEHOLDER = True
 
 
+# detectron2.utils.collect_env (called by default_setup, i.e. by every train_net.py run) asks the
+# compiled module how it was built; these answers say that it was not.
+def get_compiler_version() -> str:
+    return "none (placeholder detectron2._C, no compiled ops)"
+
+
+def get_cuda_version() -> str:
+    return "none (placeholder detectron2._C, no compiled ops)"
+
+
+def has_cuda() -> bool:
+    return False
+
+
 class MissingCompiledOpsError(AttributeError):
     """A compiled detectron2 op was used in an install without detectron2's C++/CUDA build."""
 

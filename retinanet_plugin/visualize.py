@@ -1,0 +1,101 @@
+"""A picture of detections next to ground truth, to see at a glance what a model learnt."""
+
+import json
+import os
+from collections import defaultdict
+from typing import Any, Dict, List, Sequence
+
+import cv2
+import numpy as np
+
+from detectron2.data import DatasetCatalog
+from detectron2.structures import BoxMode
+
+__all__ = ["draw_prediction_grid", "save_prediction_grid"]
+
+# BGR, as cv2 writes them.
+GROUND_TRUTH_COLOR = (0, 255, 0)
+PREDICTION_COLOR = (0, 0, 255)
+
+
+def _draw_tile(
+    record: Dict[str, Any], predictions: Sequence[Dict[str, Any]], score_thresh: float
+) -> np.ndarray:
+    image = cv2.imread(record["file_name"], cv2.IMREAD_COLOR)
+    if image is None:
+        raise FileNotFoundError(f"cannot read image {record['file_name']}")
+    for ann in record.get("annotations", []):
+        x0, y0, x1, y1 = BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS)
+        cv2.rectangle(image, (int(x0), int(y0)), (int(x1), int(y1)), GROUND_TRUTH_COLOR, 1)
+    kept = [p for p in predictions if p["score"] >= score_thresh]
+    for pred in kept:
+        x, y, w, h = pred["bbox"]  # COCO results are XYWH
+        cv2.rectangle(image, (int(x), int(y)), (int(x + w), int(y + h)), PREDICTION_COLOR, 2)
+    caption = f"{os.path.basename(record['file_name'])}: {len(record.get('annotations', []))} gt"
+    caption += f", {len(kept)} det"
+    cv2.putText(image, caption, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
+    return image
+
+
+def draw_prediction_grid(
+    dataset_dicts: Sequence[Dict[str, Any]],
+    coco_results: Sequence[Dict[str, Any]],
+    *,
+    score_thresh: float = 0.3,
+    max_images: int = 8,
+    columns: int = 4,
+) -> np.ndarray:
+    """Tiles of a dataset with ground truth (green, thin) and detections (red, thick).
+
+    Args:
+        dataset_dicts: detectron2 dataset records (``file_name``, ``image_id``, ``annotations``).
+        coco_results: detections in COCO results format (``image_id``, XYWH ``bbox``,
+            ``score``), e.g. ``coco_instances_results.json`` written by ``COCOEvaluator``.
+        score_thresh: detections below this score are not drawn.
+        max_images: the first ``max_images`` records are drawn.
+        columns: tiles per row.
+
+    Returns:
+        ndarray: (H, W, 3) uint8 BGR image; tiles of different sizes are padded with black.
+    """
+    if not dataset_dicts:
+        raise ValueError("no images to draw")
+    by_image: Dict[Any, List[Dict[str, Any]]] = defaultdict(list)
+    for pred in coco_results:
+        by_image[pred["image_id"]].append(pred)
+    tiles = [
+        _draw_tile(record, by_image[record["image_id"]], score_thresh)
+        for record in dataset_dicts[:max_images]
+    ]
+    cell_h = max(t.shape[0] for t in tiles)
+    cell_w = max(t.shape[1] for t in tiles)
+    columns = min(columns, len(tiles))
+    rows = (len(tiles) + columns - 1) // columns
+    grid = np.zeros((rows * cell_h, columns * cell_w, 3), dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        y, x = (i // columns) * cell_h, (i % columns) * cell_w
+        grid[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
+    return grid
+
+
+def save_prediction_grid(
+    dataset_name: str, results_json: str, out_path: str, **kwargs: Any
+) -> str:
+    """Draws :func:`draw_prediction_grid` for a registered dataset and writes it to ``out_path``.
+
+    Args:
+        dataset_name: a name in detectron2's ``DatasetCatalog``.
+        results_json: COCO results file of detections on that dataset.
+        out_path: image file to write (format from its extension, e.g. ``.png``).
+        kwargs: passed to :func:`draw_prediction_grid`.
+
+    Returns:
+        str: ``out_path``.
+    """
+    with open(results_json) as f:
+        coco_results = json.load(f)
+    grid = draw_prediction_grid(DatasetCatalog.get(dataset_name), coco_results, **kwargs)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    if not cv2.imwrite(out_path, grid):
+        raise OSError(f"cannot write {out_path}")
+    return out_path

@@ -1,0 +1,156 @@
+"""train_net.py end to end on a few DeepForest tiles: train, evaluate, resume, two CPU processes.
+
+These train for real (a few iterations of the CPU demo model, random weights), so they take tens
+of seconds; the data is the DeepForest sample converted by retinanet_plugin.data (fetched once).
+"""
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+
+from detectron2.data import DatasetCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import default_argument_parser
+from detectron2.utils import comm
+
+from retinanet_plugin.data.deepforest import prepare_deepforest
+from retinanet_plugin.engine import launch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo_deepforest_mobilenet_v2_fpn.yaml"
+TINY = "deepforest_tree_tiny_for_tests"
+# Small and fast: random weights, 2 images per step, no loader workers.
+FAST_OPTS = [
+    "MODEL.MOBILENET.PRETRAINED", "False",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.WARMUP_ITERS", "1",
+    "SOLVER.STEPS", "()",
+    "DATALOADER.NUM_WORKERS", "0",
+    "SEED", "1",
+]  # fmt: skip
+
+pytestmark = pytest.mark.slow
+
+
+def _load_train_net():
+    spec = importlib.util.spec_from_file_location("train_net", REPO / "train_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def datasets_dir(tmp_path_factory):
+    root = REPO / "datasets" / "deepforest"
+    prepare_deepforest(root)
+    # Four validation tiles that hold trees, as a dataset of their own.
+    coco = json.loads((root / "val.json").read_text())
+    with_boxes = sorted({a["image_id"] for a in coco["annotations"]})[:4]
+    coco["images"] = [img for img in coco["images"] if img["id"] in with_boxes]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in with_boxes]
+    tiny = tmp_path_factory.mktemp("tiny") / "tiny.json"
+    tiny.write_text(json.dumps(coco))
+    if TINY not in DatasetCatalog.list():
+        register_coco_instances(TINY, {"thing_classes": ["Tree"]}, str(tiny), str(root / "images"))
+    return REPO / "datasets"
+
+
+def _args(output_dir, *opts, resume=False, eval_only=False):
+    argv = ["--config-file", str(DEMO_CONFIG)]
+    argv += ["--resume"] * resume + ["--eval-only"] * eval_only
+    argv += FAST_OPTS + ["OUTPUT_DIR", str(output_dir)] + list(opts)
+    return default_argument_parser().parse_args(argv)
+
+
+def _metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.json").read_text().splitlines()]
+
+
+def test_train_evaluate_resume(datasets_dir, tmp_path):
+    train_net = _load_train_net()
+    out = tmp_path / "run"
+    data = ["DATASETS.TRAIN", f"('{TINY}',)", "DATASETS.TEST", f"('{TINY}',)"]
+
+    results = train_net.main(_args(out, "SOLVER.MAX_ITER", "3", *data))
+
+    # The final evaluation ran COCOEvaluator: AP keys, numeric, in [0, 100] (NaN only for
+    # an area range without boxes).
+    bbox = results["bbox"]
+    for key in ("AP", "AP50", "AP75", "APs", "APm"):
+        assert isinstance(bbox[key], float) and 0.0 <= bbox[key] <= 100.0, (key, bbox[key])
+    records = _metrics(out)
+    assert records[-1]["bbox/AP"] == pytest.approx(bbox["AP"], nan_ok=True)
+    assert any(r.get("iteration") == 2 and "total_loss" in r for r in records)
+    assert (out / "model_final.pth").is_file()
+    assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
+    assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+    picture = cv2.imread(str(out / "val_predictions.png"))
+    assert picture.shape == (400, 4 * 400, 3)  # 4 tiles of 400x400 in one row
+    first = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert first["iteration"] == 2
+
+    # --resume continues from the last checkpoint (iteration 3) up to the new MAX_ITER.
+    train_net.main(_args(out, "SOLVER.MAX_ITER", "5", *data, resume=True))
+    log = (out / "log.txt").read_text()
+    assert "Starting training from iteration 3" in log
+    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)[
+        "iteration"
+    ] == 4
+
+    # --eval-only loads MODEL.WEIGHTS and evaluates without training.
+    again = train_net.main(
+        _args(out, "MODEL.WEIGHTS", str(out / "model_final.pth"), *data, eval_only=True)
+    )
+    assert set(again["bbox"]) >= {"AP", "AP50", "AP75"}
+
+
+def _train_and_dump(output_dir, dump_dir):
+    """Runs in each spawned process: trains a few steps, saves this rank's parameters."""
+    train_net = _load_train_net()
+    args = _args(
+        output_dir, "SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", "100"
+    )
+    cfg = train_net.setup(args)
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    initial = {k: v.detach().clone() for k, v in trainer.model.module.state_dict().items()}
+    trainer.train()
+    params = {k: v.detach() for k, v in trainer.model.module.state_dict().items()}
+    changed = sum(not torch.equal(initial[k], params[k]) for k in params)
+    torch.save(
+        {
+            "params": params,
+            "changed": changed,
+            "world_size": comm.get_world_size(),
+            "local_rank": comm.get_local_rank(),
+            "backend": torch.distributed.get_backend(),
+        },
+        Path(dump_dir) / f"rank{comm.get_rank()}.pt",
+    )
+
+
+def _digest(params):
+    h = hashlib.sha256()
+    for key in sorted(params):
+        h.update(key.encode())
+        h.update(params[key].float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (GLOO) launcher")
+def test_two_processes_on_cpu(datasets_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets_dir))  # read by the spawned workers
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    launch(_train_and_dump, 2, dist_url="auto", args=(tmp_path / "run", tmp_path))
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for r, dump in enumerate(ranks):
+        assert dump["world_size"] == 2 and dump["local_rank"] == r and dump["backend"] == "gloo"
+        assert dump["changed"] > 0  # training moved the weights
+    # DDP averaged the gradients: both replicas took the same steps from the same weights.
+    assert _digest(ranks[0]["params"]) == _digest(ranks[1]["params"])
