@@ -29,10 +29,13 @@ bench: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-# CPU demo (about 15 minutes on 2 cores): DeepForest tree crowns, RetinaNet with focal loss on a
+# CPU demo (about 10 minutes on 2 cores): DeepForest tree crowns, RetinaNet with focal loss on a
 # MobileNetV2-FPN; writes metrics, TensorBoard events, checkpoints and val_predictions.png under
-# output/demo/ and prints the COCO AP table.
+# output/demo/ and prints the COCO AP table. One OpenMP thread: with any other busy process on 2
+# cores, 2 spinning OpenMP threads made each step 5x slower than 1 thread.
+DEMO_THREADS ?= 1
 .PHONY: demo
 demo: $(STAMP)
 	$(PY) -m retinanet_plugin.data.deepforest --out datasets/deepforest
-	$(PY) train_net.py --config-file configs/demo_deepforest_mobilenet_v2_fpn.yaml
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) train_net.py \
+		--config-file configs/demo_deepforest_mobilenet_v2_fpn.yaml
