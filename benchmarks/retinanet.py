@@ -177,7 +177,8 @@ def main() -> None:
                 candidates = count_candidates(predictions[0], theirs.test_score_thresh)
                 for stage in args.stages:
                     if stage == "train":
-                        fns = {"theirs": train_step(theirs, inputs), "ours": train_step(ours, inputs)}
+                        fns = {"theirs": train_step(theirs, inputs),
+                               "ours": train_step(ours, inputs)}
                         repeats = args.repeats
                     elif stage == "infer":
                         fns = {"theirs": inference(theirs, inputs), "ours": inference(ours, inputs)}
@@ -189,7 +190,9 @@ def main() -> None:
                         }
                         repeats = args.post_repeats
                     t = time_pair(fns, repeats, args.warmup)
-                    rows.append((size_str, batch, regime, stage, candidates, t["theirs"], t["ours"]))
+                    rows.append(
+                        (size_str, batch, regime, stage, candidates, t["theirs"], t["ours"])
+                    )
                     print_row(rows[-1], header=len(rows) == 1)
     print()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "

@@ -1,4 +1,4 @@
-"""The RetinaNet head (Sec. 4, "Classification Subnet" and "Box Regression Subnet") and its registry.
+"""The RetinaNet head (Sec. 4, "Classification Subnet" and "Box Regression Subnet"), its registry.
 
 Shape shorthand:
     N: images in the minibatch

@@ -1,4 +1,4 @@
-"""FocalRetinaNet: RetinaNet (Lin et al., ICCV 2017, Sec. 4) with swappable head, loss and normaliser.
+"""FocalRetinaNet: RetinaNet (Lin et al., ICCV 2017, Sec. 4), swappable head, loss and normaliser.
 
 It computes what detectron2's ``RetinaNet`` computes (same weights give the same losses and
 detections) but takes its classification loss from ``CLS_LOSS_REGISTRY``, its head from
@@ -72,6 +72,11 @@ def build_anchor_matcher(
             f"from {{-1, 0, 1}}, got {labels}"
         )
     return Matcher(thresholds, labels, allow_low_quality_matches=allow_low_quality_matches)
+
+
+# Above 1 / _DENSE_FRACTION of the locations holding a candidate, gathering them costs more than
+# thresholding the whole level.
+_DENSE_FRACTION = 8
 
 
 def _logit(p: float) -> float:
@@ -269,10 +274,8 @@ class FocalRetinaNet(DenseDetector):
         labels, boxes = [], []
         for gt in gt_instances:
             if len(gt) == 0:
-                labels.append(
-                    torch.full((len(anchors),), self.num_classes, dtype=torch.int64,
-                               device=anchors.device)
-                )
+                background = torch.full_like(anchors.tensor[:, 0], self.num_classes)
+                labels.append(background.to(torch.int64))
                 boxes.append(torch.zeros_like(anchors.tensor))
                 continue
             matched_idxs, match_labels = self.anchor_matcher(pairwise_iou(gt.gt_boxes, anchors))
@@ -379,7 +382,9 @@ class FocalRetinaNet(DenseDetector):
             order = torch.argsort(image_idx, stable=True)
             counts = torch.bincount(image_idx, minlength=num_images).tolist()
             per_image = zip(
-                boxes[order].split(counts), scores[order].split(counts), classes[order].split(counts)
+                boxes[order].split(counts),
+                scores[order].split(counts),
+                classes[order].split(counts),
             )
         results = []
         for (boxes_i, scores_i, classes_i), image_size in zip(per_image, image_sizes):
@@ -413,7 +418,22 @@ class FocalRetinaNet(DenseDetector):
         num_images, _, height, width = logits.shape
         num_classes = self.num_classes
         num_anchors = logits.shape[1] // num_classes
-        image_idx, channel, y, x = (logits > thresh).nonzero().unbind(1)
+        # A trained detector scores few locations above the threshold. Finding them from the
+        # per-location maximum (N, Hi, Wi) reads the logits once and leaves a small mask to
+        # search, where ``(logits > thresh).nonzero()`` would write and scan a mask as large as
+        # the logits. "not <=" keeps locations whose maximum is NaN, so that their other scores
+        # are tested one by one, as detectron2 does.
+        located = ~(logits.amax(dim=1) <= thresh)
+        cells = located.nonzero()  # (M, 3)
+        if cells.shape[0] * _DENSE_FRACTION > located.numel():
+            # Most locations have a candidate (an untrained head): one pass over everything.
+            image_idx, channel, y, x = (logits > thresh).nonzero().unbind(1)
+        else:
+            cell_image, cell_y, cell_x = cells.unbind(1)
+            # Advanced indices around a slice put the indexed dim first: (M, A*K).
+            cell_scores = logits[cell_image, :, cell_y, cell_x]
+            cell, channel = (cell_scores > thresh).nonzero().unbind(1)
+            image_idx, y, x = cell_image[cell], cell_y[cell], cell_x[cell]
         values = logits[image_idx, channel, y, x]
         if values.numel() > self.test_topk_candidates:
             keep = self._topk_per_image(image_idx, values, num_images)

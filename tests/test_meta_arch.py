@@ -31,6 +31,7 @@ from retinanet_plugin import (
 from retinanet_plugin.box_regression import dense_box_reg_loss
 from retinanet_plugin.losses import SigmoidFocalLoss
 
+
 def _cfg(**overrides):
     """detectron2's RetinaNet R50-FPN config, FocalRetinaNet, shrunk to a ResNet-18 trunk and a
     one-conv head so that CPU tests run in seconds."""
@@ -183,6 +184,30 @@ def test_loss_normalizer_arithmetic():
     assert LossNormalizer("batch")(7, torch.device("cpu")) == 7.0
     with pytest.raises(ValueError, match="mode"):
         LossNormalizer("mean")
+
+
+def _global_normalizer_worker(rank, init_file, counts, results):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(counts)
+    )
+    try:
+        results[rank] = LossNormalizer("global")(counts[rank], torch.device("cpu"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_global_normalizer_averages_the_count_over_processes(tmp_path):
+    """Two processes with 3 and 0 foreground anchors both divide by (3 + 0) / 2 = 1.5, so that
+    after DDP's gradient averaging the update is the global sum divided by the global count."""
+    counts = [3, 0]
+    with torch.multiprocessing.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.spawn(
+            _global_normalizer_worker,
+            args=(str(tmp_path / "init"), counts, results),
+            nprocs=len(counts),
+        )
+        assert dict(results) == {0: 1.5, 1: 1.5}
 
 
 def _box_reg_inputs(seed=0, num_images=2, num_anchors=60):
