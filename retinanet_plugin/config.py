@@ -33,8 +33,9 @@ def add_retinanet_plugin_config(cfg: CN) -> CN:
     # the paper's rule (Sec. 4) is strict thresholds, i.e. False.
     _set_default(cfg.MODEL.RETINANET, "ALLOW_LOW_QUALITY_MATCHES", True)
     # Loss normaliser: "ema" = detectron2's per-process EMA of the number of foreground anchors;
-    # "global" = this step's foreground count summed over all processes (results independent of
-    # the number of GPUs; the paper normalises by the number of assigned anchors, Sec. 3.3);
+    # "global" = this step's foreground count summed over all processes, divided by the number
+    # of processes (DDP averages gradients, so the step equals one over the whole batch
+    # normalised by its foreground count, as Sec. 3.3 prescribes, whatever the number of GPUs);
     # "batch" = this step's foreground count in this process.
     _set_default(cfg.MODEL.RETINANET, "LOSS_NORMALIZER", "ema")
     # EMA momentum and initial value for LOSS_NORMALIZER = "ema" (detectron2: 0.9 and 100).
