@@ -7,7 +7,7 @@ STAMP := $(VENV)/.retinanet_plugin-installed
 ENV_FILES := requirements-torch.txt requirements.txt scripts/install_detectron2.sh \
 	scripts/detectron2_C_stub.py setup.py
 
-.PHONY: install test bench lint clean-venv
+.PHONY: install test bench clean-venv
 
 install: $(STAMP)
 

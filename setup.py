@@ -23,7 +23,8 @@ def _missing_in_target_env():
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
     missing = []
     for name in _REQUIRED:
-        cmd = [sys.executable, "-c", f"import importlib.util as u; exit(u.find_spec('{name}') is None)"]
+        probe = f"import importlib.util as u; exit(u.find_spec('{name}') is None)"
+        cmd = [sys.executable, "-c", probe]
         if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
             missing.append(name)
     return missing

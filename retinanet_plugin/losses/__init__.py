@@ -1,5 +1,14 @@
 """Classification losses: the focal-loss family (functions) and the registry the model uses."""
 
+from .classification import (  # registers the losses below
+    CLS_LOSS_REGISTRY,
+    AlphaBalancedCE,
+    OHEMLoss,
+    SigmoidFocalLoss,
+    SigmoidFocalLossStar,
+    SoftmaxFocalLoss,
+    build_cls_loss,
+)
 from .focal import (
     alpha_balanced_ce,
     sigmoid_focal_loss,
@@ -9,14 +18,6 @@ from .focal import (
     sigmoid_focal_loss_star_from_labels,
     sigmoid_focal_loss_star_reference,
     softmax_focal_loss,
-)
-from .classification import CLS_LOSS_REGISTRY, build_cls_loss  # registers the losses below
-from .classification import (
-    AlphaBalancedCE,
-    OHEMLoss,
-    SigmoidFocalLoss,
-    SigmoidFocalLossStar,
-    SoftmaxFocalLoss,
 )
 
 __all__ = [
