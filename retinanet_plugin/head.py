@@ -19,6 +19,8 @@ from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils.registry import Registry
 
+from .registry import get_registered
+
 __all__ = ["RETINANET_HEAD_REGISTRY", "build_retinanet_head", "FocalRetinaNetHead"]
 
 logger = logging.getLogger(__name__)
@@ -43,16 +45,13 @@ def build_retinanet_head(cfg, input_shape: List[ShapeSpec]) -> nn.Module:
         input_shape (list[ShapeSpec]): shapes of the L feature levels the head runs on.
 
     Raises:
-        ValueError: the name is not registered; the message lists the registered names.
+        UnknownNameError (a ValueError): the name is not registered; the message lists the
+            registered names.
     """
-    name = cfg.MODEL.RETINANET.HEAD_NAME
-    if name not in RETINANET_HEAD_REGISTRY:
-        registered = sorted(key for key, _ in RETINANET_HEAD_REGISTRY)
-        raise ValueError(
-            f"MODEL.RETINANET.HEAD_NAME = {name!r} is not in RETINANET_HEAD_REGISTRY; "
-            f"registered heads: {registered}"
-        )
-    return RETINANET_HEAD_REGISTRY.get(name)(cfg, input_shape)
+    head_cls = get_registered(
+        RETINANET_HEAD_REGISTRY, cfg.MODEL.RETINANET.HEAD_NAME, "MODEL.RETINANET.HEAD_NAME"
+    )
+    return head_cls(cfg, input_shape)
 
 
 @RETINANET_HEAD_REGISTRY.register()

@@ -9,9 +9,7 @@ import pytest
 import torch
 from fvcore.nn import smooth_l1_loss
 
-from detectron2 import model_zoo
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.layers import CycleBatchNormList
 from detectron2.modeling import META_ARCH_REGISTRY, PROPOSAL_GENERATOR_REGISTRY, build_model
 from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
@@ -26,24 +24,18 @@ from retinanet_plugin import (
     FocalRPN,
     LossNormalizer,
     RetinaNetCheckpointer,
-    add_retinanet_plugin_config,
 )
 from retinanet_plugin.box_regression import dense_box_reg_loss
 from retinanet_plugin.losses import SigmoidFocalLoss
+
+from small_config import small_retinanet_cfg
 
 
 def _cfg(**overrides):
     """detectron2's RetinaNet R50-FPN config, FocalRetinaNet, shrunk to a ResNet-18 trunk and a
     one-conv head so that CPU tests run in seconds."""
-    cfg = get_cfg()
-    add_retinanet_plugin_config(cfg)
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
+    cfg = small_retinanet_cfg(num_convs=1)
     cfg.MODEL.META_ARCHITECTURE = "FocalRetinaNet"
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RETINANET.NUM_CONVS = 1
     for key, value in overrides.items():
         cfg.merge_from_list([key.replace("__", "."), value])
     return cfg
@@ -328,13 +320,7 @@ def test_autocast_keeps_boxes_float32():
     ],
 )
 def test_bad_config_error_names_the_key(key, value, also):
-    cfg = get_cfg()
-    add_retinanet_plugin_config(cfg)
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
-    cfg.MODEL.META_ARCHITECTURE = "FocalRetinaNet"
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg = _cfg()
     cfg.merge_from_list([key, value])
     with pytest.raises((ValueError, KeyError)) as info:
         build_model(cfg)

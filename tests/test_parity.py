@@ -10,27 +10,20 @@ import math
 import pytest
 import torch
 
-from detectron2 import model_zoo
-from detectron2.config import get_cfg
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from retinanet_plugin import FocalRetinaNet, LossNormalizer, add_retinanet_plugin_config
+from retinanet_plugin import FocalRetinaNet, LossNormalizer
+
+from small_config import small_retinanet_cfg
 
 IMAGE_SIZES = [(200, 249), (320, 480)]
 
 
 def _cfg():
-    cfg = get_cfg()
-    add_retinanet_plugin_config(cfg)
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64  # required by ResNet-18/34
-    cfg.MODEL.RETINANET.NUM_CONVS = 2  # the head dominates the CPU time; 2 convs test the same
-    return cfg
+    # Two convs per head branch: the head dominates the CPU time, and two test the same.
+    return small_retinanet_cfg(num_convs=2)
 
 
 @pytest.fixture(scope="module")

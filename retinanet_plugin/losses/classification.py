@@ -16,6 +16,7 @@ from torchvision.ops import nms
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
+from ..registry import get_registered
 from .focal import (
     check_focal_params,
     sigmoid_focal_loss_from_labels,
@@ -44,14 +45,10 @@ normaliser, the number of foreground anchors, Sec. 3.3).
 
 def build_cls_loss(cfg) -> nn.Module:
     """Build the classification loss named by ``cfg.MODEL.RETINANET.CLS_LOSS``."""
-    name = cfg.MODEL.RETINANET.CLS_LOSS
-    if name not in CLS_LOSS_REGISTRY:
-        registered = sorted(k for k, _ in CLS_LOSS_REGISTRY)
-        raise KeyError(
-            f"MODEL.RETINANET.CLS_LOSS = {name!r} is not a registered classification loss; "
-            f"registered: {registered}"
-        )
-    return CLS_LOSS_REGISTRY.get(name)(cfg)
+    loss_cls = get_registered(
+        CLS_LOSS_REGISTRY, cfg.MODEL.RETINANET.CLS_LOSS, "MODEL.RETINANET.CLS_LOSS"
+    )
+    return loss_cls(cfg)
 
 
 def _focal_args_from_cfg(cfg, *, star: bool = False) -> dict:
