@@ -78,12 +78,23 @@ class Trainer(DefaultTrainer):
         return super().build_hooks() + [PredictionsPicture()]
 
 
-def setup(args):
-    """Creates the config from --config-file and the trailing KEY VALUE opts."""
+def _merged_cfg(args):
     cfg = get_cfg()
     add_retinanet_plugin_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    return cfg
+
+
+def configured_device(args):
+    """MODEL.DEVICE of the config ``setup(args)`` builds; read before the processes start, as
+    it decides how they are joined (NCCL for CUDA, GLOO for CPU)."""
+    return _merged_cfg(args).MODEL.DEVICE
+
+
+def setup(args):
+    """Creates the config from --config-file and the trailing KEY VALUE opts."""
+    cfg = _merged_cfg(args)
     cfg.freeze()
     default_setup(cfg, args)
     if set(DATASET_NAMES.values()) & set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST):
@@ -120,4 +131,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        device=configured_device(args),
     )

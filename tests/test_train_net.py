@@ -146,11 +146,11 @@ def _digest(params):
     return h.hexdigest()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (GLOO) launcher")
 def test_two_processes_on_cpu(datasets_dir, tmp_path, monkeypatch):
+    # The demo config's MODEL.DEVICE is "cpu": GLOO workers, also on a machine with a GPU.
     monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets_dir))  # read by the spawned workers
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    launch(_train_and_dump, 2, dist_url="auto", args=(tmp_path / "run", tmp_path))
+    launch(_train_and_dump, 2, dist_url="auto", args=(tmp_path / "run", tmp_path), device="cpu")
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for r, dump in enumerate(ranks):

@@ -1,10 +1,11 @@
-"""``launch`` that also starts several processes on a machine without CUDA.
+"""``launch`` that also starts several processes for a model on CPU.
 
 detectron2 0.6's :func:`detectron2.engine.launch` asserts CUDA in every worker and joins them
-with NCCL; later detectron2 falls back to GLOO on CPU. :func:`launch` defers to detectron2's
-whenever that can work (one process, CUDA present, or a detectron2 whose workers choose GLOO
-themselves) and otherwise starts the workers itself: a GLOO process group, then the per-machine
-"local" group that ``detectron2.utils.comm`` expects, then ``main_func``.
+with NCCL; later detectron2 picks NCCL whenever CUDA is present, whatever device the model is
+configured for. :func:`launch` therefore chooses by the configured device (``MODEL.DEVICE``): a
+CUDA model (or a single process) goes to detectron2's launcher; several processes of a CPU model
+are started here: a GLOO process group, then the per-machine "local" group that
+``detectron2.utils.comm`` expects, then ``main_func``.
 
 detectron2's ``DefaultTrainer`` then wraps the model in ``DistributedDataParallel`` with
 ``device_ids=[local_rank]``, which torch refuses for a CPU module; :func:`wrap_ddp_on_cpu` lets
@@ -13,7 +14,6 @@ it wrap a CPU model without device ids.
 
 import contextlib
 import importlib
-import inspect
 import logging
 import socket
 from datetime import timedelta
@@ -37,13 +37,25 @@ d2_launch = importlib.import_module("detectron2.engine.launch")
 DEFAULT_TIMEOUT = d2_launch.DEFAULT_TIMEOUT
 
 
-def _detectron2_launches_on_cpu() -> bool:
-    # detectron2 picks GLOO without CUDA since its launcher's worker names the backend; 0.6's
-    # worker hard-codes NCCL. Reading the source answers for the version actually installed.
-    try:
-        return "GLOO" in inspect.getsource(d2_launch._distributed_worker).upper()
-    except (AttributeError, OSError, TypeError):
+def _default_device() -> str:
+    # What MODEL.DEVICE means to a user who left it at detectron2's default "cuda" on a machine
+    # without CUDA: such a config cannot run anywhere but on CPU.
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _uses_gloo_workers(world_size: int, device: str) -> bool:
+    """Whether :func:`launch` starts GLOO workers itself rather than calling detectron2's."""
+    if world_size == 1:
+        return False  # detectron2 calls main_func in this process, no process group
+    device_type = torch.device(device).type
+    if device_type == "cuda":
         return False
+    if device_type == "cpu":
+        return True
+    raise ValueError(
+        f"MODEL.DEVICE = {device!r}: several processes (--num-gpus {world_size} in all) run "
+        "either on CUDA (NCCL) or on CPU (GLOO)"
+    )
 
 
 def _free_local_url() -> str:
@@ -61,8 +73,9 @@ def launch(
     dist_url: Optional[str] = None,
     args: Sequence[Any] = (),
     timeout: timedelta = DEFAULT_TIMEOUT,
+    device: Optional[str] = None,
 ) -> None:
-    """Same contract as :func:`detectron2.engine.launch`; without CUDA the workers use GLOO.
+    """Same contract as :func:`detectron2.engine.launch`; a CPU model's workers use GLOO.
 
     Args:
         main_func: called as ``main_func(*args)`` in each process.
@@ -73,9 +86,15 @@ def launch(
             on this machine (single machine only).
         args: arguments of ``main_func``.
         timeout (timedelta): timeout of the process group.
+        device (str, optional): the configured ``MODEL.DEVICE`` ("cuda", "cuda:0", "cpu"); it
+            alone decides between NCCL (detectron2's launcher) and GLOO, so a CPU model also
+            gets GLOO on a machine that has a GPU. Default: "cuda" if CUDA is available, else
+            "cpu".
     """
     world_size = num_machines * num_gpus_per_machine
-    if world_size == 1 or torch.cuda.is_available() or _detectron2_launches_on_cpu():
+    if device is None:
+        device = _default_device()
+    if not _uses_gloo_workers(world_size, device):
         d2_launch.launch(
             main_func,
             num_gpus_per_machine,
@@ -90,7 +109,7 @@ def launch(
         if num_machines != 1:
             raise ValueError("dist_url 'auto' only works on one machine; pass a tcp:// URL")
         dist_url = _free_local_url()
-    logger.info("No CUDA: starting %d GLOO processes on CPU", num_gpus_per_machine)
+    logger.info("MODEL.DEVICE = %s: starting %d GLOO processes", device, num_gpus_per_machine)
     mp.spawn(
         _cpu_worker,
         nprocs=num_gpus_per_machine,
