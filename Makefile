@@ -32,10 +32,11 @@ clean-venv:
 # CPU demo (about 10 minutes on 2 cores): DeepForest tree crowns, RetinaNet with focal loss on a
 # MobileNetV2-FPN; writes metrics, TensorBoard events, checkpoints and val_predictions.png under
 # output/demo/ and prints the COCO AP table. One OpenMP thread: with any other busy process on 2
-# cores, 2 spinning OpenMP threads made each step 5x slower than 1 thread.
+# cores, 2 spinning OpenMP threads made each step 5x slower than 1 thread. The data goes where
+# train_net.py looks for it: $DETECTRON2_DATASETS/deepforest, default datasets/deepforest.
 DEMO_THREADS ?= 1
 .PHONY: demo
 demo: $(STAMP)
-	$(PY) -m retinanet_plugin.data.deepforest --out datasets/deepforest
+	$(PY) -m retinanet_plugin.data.deepforest --out "$${DETECTRON2_DATASETS:-datasets}/deepforest"
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) train_net.py \
 		--config-file configs/demo_deepforest_mobilenet_v2_fpn.yaml
