@@ -37,24 +37,56 @@ def _inference_dir(cfg, dataset_name):
     return os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
 
 
-def save_predictions_picture(cfg):
-    """Draws the first test set's detections, saved by COCOEvaluator, with its ground truth."""
-    if not cfg.DATASETS.TEST or not comm.is_main_process():
+def _results_file(cfg):
+    """The detections COCOEvaluator saves for the first test set, or None without test sets."""
+    if not cfg.DATASETS.TEST:
+        return None
+    return os.path.join(_inference_dir(cfg, cfg.DATASETS.TEST[0]), "coco_instances_results.json")
+
+
+def results_version(cfg):
+    """Identifies the current results file (None if absent), to tell a rewrite from a stale one."""
+    path = _results_file(cfg)
+    if path is None or not os.path.isfile(path):
+        return None
+    stat = os.stat(path)
+    return stat.st_mtime_ns, stat.st_size
+
+
+def save_predictions_picture(cfg, stale_version=None):
+    """Draws the first test set's detections, saved by COCOEvaluator, with its ground truth.
+
+    Args:
+        stale_version: :func:`results_version` before this run evaluated; a results file still
+            at that version was left by an earlier run and is not drawn.
+    """
+    if not comm.is_main_process():
         return
-    dataset_name = cfg.DATASETS.TEST[0]
-    results = os.path.join(_inference_dir(cfg, dataset_name), "coco_instances_results.json")
-    if os.path.isfile(results):
-        path = save_prediction_grid(
-            dataset_name, results, os.path.join(cfg.OUTPUT_DIR, PREDICTIONS_PICTURE)
-        )
-        logging.getLogger("detectron2").info("Detections drawn in %s", path)
+    version = results_version(cfg)
+    if version is None or version == stale_version:
+        return
+    path = save_prediction_grid(
+        cfg.DATASETS.TEST[0], _results_file(cfg), os.path.join(cfg.OUTPUT_DIR, PREDICTIONS_PICTURE)
+    )
+    logging.getLogger("detectron2").info("Detections drawn in %s", path)
 
 
 class PredictionsPicture(HookBase):
-    """After training (and the final evaluation before it), draws the detections."""
+    """After a successful training and its final evaluation, draws the detections.
+
+    detectron2 calls ``after_train`` in a ``finally``, after a failed step too, and EvalHook's
+    final evaluation may not have run then; drawing would show the results file of an earlier run
+    in the same OUTPUT_DIR. So this draws only when every step ran (the trainer's ``iter`` reaches
+    ``max_iter`` only then) and the results file was rewritten since ``before_train``.
+    """
+
+    def before_train(self):
+        self._stale_version = results_version(self.trainer.cfg)
 
     def after_train(self):
-        save_predictions_picture(self.trainer.cfg)
+        if self.trainer.iter < self.trainer.max_iter:
+            return
+        save_predictions_picture(self.trainer.cfg, self._stale_version)
 
 
 class Trainer(DefaultTrainer):
@@ -110,10 +142,11 @@ def main(args):
         RetinaNetCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
+        stale_version = results_version(cfg)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
-        save_predictions_picture(cfg)
+        save_predictions_picture(cfg, stale_version)
         return res
 
     trainer = Trainer(cfg)

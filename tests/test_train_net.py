@@ -7,7 +7,9 @@ of seconds; the data is the DeepForest sample converted by retinanet_plugin.data
 import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import pytest
@@ -111,6 +113,61 @@ def test_train_evaluate_resume(datasets_dir, tmp_path):
         _args(out, "MODEL.WEIGHTS", str(out / "model_final.pth"), *data, eval_only=True)
     )
     assert set(again["bbox"]) >= {"AP", "AP50", "AP75"}
+
+
+def _stale_results(out):
+    """An earlier run's detections on TINY in ``out``, as COCOEvaluator leaves them."""
+    inference = out / "inference" / TINY
+    inference.mkdir(parents=True)
+    image_id = DatasetCatalog.get(TINY)[0]["image_id"]
+    det = {"image_id": image_id, "category_id": 0, "bbox": [10, 10, 50, 50], "score": 0.9}
+    path = inference / "coco_instances_results.json"
+    path.write_text(json.dumps([det]))
+    return path
+
+
+def test_failed_training_does_not_draw_stale_results(datasets_dir, tmp_path, monkeypatch):
+    train_net = _load_train_net()
+    out = tmp_path / "run"
+    stale = _stale_results(out)
+    before = stale.stat().st_mtime_ns
+
+    def failing_step(trainer):
+        raise RuntimeError("injected failure in the first step")
+
+    monkeypatch.setattr(train_net.Trainer, "run_step", failing_step)
+    data = ["DATASETS.TRAIN", f"('{TINY}',)", "DATASETS.TEST", f"('{TINY}',)"]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train_net.main(_args(out, "SOLVER.MAX_ITER", "3", *data))
+    # detectron2 ran the hooks' after_train in its `finally`, but nothing was drawn from the
+    # earlier run's file, which is untouched.
+    assert not (out / train_net.PREDICTIONS_PICTURE).exists()
+    assert stale.stat().st_mtime_ns == before
+
+
+def test_picture_only_from_results_written_by_this_run(datasets_dir, tmp_path):
+    """A training that finished but whose evaluation did not rewrite the file draws nothing;
+    once the file is rewritten, it is drawn."""
+    train_net = _load_train_net()
+    out = tmp_path / "run"
+    stale = _stale_results(out)
+    cfg = train_net.setup(_args(out, "DATASETS.TEST", f"('{TINY}',)"))
+    trainer = SimpleNamespace(cfg=cfg, iter=3, max_iter=3)  # every step ran
+    hook = train_net.PredictionsPicture()
+    hook.trainer = trainer
+    hook.before_train()
+    hook.after_train()
+    assert not (out / train_net.PREDICTIONS_PICTURE).exists()
+
+    hook.before_train()
+    stale.write_text(stale.read_text().replace("0.9", "0.8"))  # rewritten by "this run"
+    os.utime(stale, ns=(stale.stat().st_atime_ns, stale.stat().st_mtime_ns + 10**9))
+    trainer.iter = 2  # ... but a step failed: still nothing
+    hook.after_train()
+    assert not (out / train_net.PREDICTIONS_PICTURE).exists()
+    trainer.iter = 3
+    hook.after_train()
+    assert cv2.imread(str(out / train_net.PREDICTIONS_PICTURE)).shape == (400, 4 * 400, 3)
 
 
 def _train_and_dump(output_dir, dump_dir):
