@@ -37,7 +37,7 @@ from .head import build_retinanet_head
 from .loss_normalizer import LossNormalizer
 from .losses import build_cls_loss
 
-__all__ = ["FocalRetinaNet", "build_anchor_matcher"]
+__all__ = ["FocalRetinaNet", "build_anchor_matcher", "check_gt_classes"]
 
 
 def build_anchor_matcher(
@@ -86,6 +86,36 @@ def _logit(p: float) -> float:
     if p >= 1:
         return math.inf
     return math.log(p) - math.log1p(-p)
+
+
+def check_gt_classes(
+    gt_classes: Sequence[Tensor], num_classes: int, names: Sequence[str]
+) -> None:
+    """Raise ValueError if a ground-truth class id is outside [0, K).
+
+    detectron2's RetinaNet refuses such ids (through ``one_hot``); left alone, the classification
+    loss would take id K as background while the box loss and the normaliser count it as
+    foreground, and id -1 would mark the anchors "ignore". Reading the ids is a host sync when
+    they live on an accelerator: call this on host tensors, or only once a sync showed an error.
+
+    Args:
+        gt_classes (Sequence[Tensor]): per image, its (G,) class ids.
+        num_classes (int): K, ``MODEL.RETINANET.NUM_CLASSES``.
+        names (Sequence[str]): per image, how the message names it (file, image id).
+    """
+    for classes, name in zip(gt_classes, names):
+        bad = classes[(classes < 0) | (classes >= num_classes)]
+        if bad.numel():
+            raise ValueError(
+                f"{name} has ground-truth class ids {sorted(set(bad.tolist()))} outside "
+                f"[0, MODEL.RETINANET.NUM_CLASSES = {num_classes}): set NUM_CLASSES to the "
+                "dataset's number of classes, or map the dataset's category ids to 0..K-1"
+            )
+
+
+def _describe_input(index: int, inputs: Dict[str, Any]) -> str:
+    fields = [f"{k} {inputs[k]!r}" for k in ("file_name", "image_id") if k in inputs]
+    return f"image {index} of the batch" + (f" ({', '.join(fields)})" if fields else "")
 
 
 @META_ARCH_REGISTRY.register()
@@ -238,6 +268,25 @@ class FocalRetinaNet(DenseDetector):
     # ---------------------------------------------------------------------------------------
     # Training
     # ---------------------------------------------------------------------------------------
+    def forward(self, batched_inputs: List[Dict[str, Any]]):
+        """:meth:`DenseDetector.forward`; in training, class ids on the host are checked first.
+
+        The mapper's ``instances`` are normally on the host, where the check costs no sync and
+        the error can name the image's ``file_name`` / ``image_id``; ids already on an
+        accelerator are checked in :meth:`losses`, within its existing host sync.
+        """
+        if self.training:
+            on_host = [
+                (i, x) for i, x in enumerate(batched_inputs)
+                if "instances" in x and x["instances"].gt_classes.device.type == "cpu"
+            ]  # fmt: skip
+            check_gt_classes(
+                [x["instances"].gt_classes for _, x in on_host],
+                self.num_classes,
+                [_describe_input(i, x) for i, x in on_host],
+            )
+        return super().forward(batched_inputs)
+
     def forward_training(
         self,
         images: ImageList,
@@ -254,6 +303,7 @@ class FocalRetinaNet(DenseDetector):
             gt_labels,
             cat([permute_to_N_HWA_K(x, 4) for x in pred_deltas], dim=1),
             gt_boxes,
+            gt_classes=[gt.gt_classes for gt in gt_instances],
         )
 
     @torch.no_grad()
@@ -292,6 +342,8 @@ class FocalRetinaNet(DenseDetector):
         gt_labels: Tensor,
         pred_deltas: Tensor,
         gt_boxes: Tensor,
+        *,
+        gt_classes: Optional[Sequence[Tensor]] = None,
     ) -> Dict[str, Tensor]:
         """Focal loss over all non-ignored anchors and box loss over the foreground ones.
 
@@ -301,6 +353,9 @@ class FocalRetinaNet(DenseDetector):
             gt_labels (Tensor): (N, R), from :meth:`label_anchors`.
             pred_deltas (Tensor): (N, R, 4).
             gt_boxes (Tensor): (N, R, 4), from :meth:`label_anchors`.
+            gt_classes (Sequence[Tensor], optional): N (G,) ground-truth class ids the labels
+                came from; when given, an id outside [0, K) raises ValueError. The check rides on
+                the foreground count's host sync, so it costs no sync of its own.
 
         Returns:
             dict[str, Tensor]: scalar "loss_cls" and "loss_box_reg", both divided by the
@@ -308,9 +363,19 @@ class FocalRetinaNet(DenseDetector):
         """
         num_images = gt_labels.shape[0]
         fg_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
-        # The one host sync of a step, which detectron2's RetinaNet pays too: the count feeds a
-        # Python-side EMA and the event storage.
-        num_fg = fg_mask.sum().item()
+        # Host syncs of a step: this count (it feeds the Python-side normaliser and the event
+        # storage; detectron2's RetinaNet reads it too), the foreground indices of the box loss
+        # (detectron2 pays one for its boolean-mask indexing), and with LOSS_NORMALIZER "global"
+        # the all-reduced count. The class-id check is read with the count.
+        counts = [fg_mask.sum()]
+        if gt_classes is not None and len(gt_classes):
+            all_classes = cat(list(gt_classes))
+            counts.append(((all_classes < 0) | (all_classes >= self.num_classes)).sum())
+        counts = torch.stack(counts).tolist()
+        num_fg = counts[0]
+        if len(counts) > 1 and counts[1]:
+            names = [f"image {i} of the batch" for i in range(len(gt_classes))]
+            check_gt_classes(gt_classes, self.num_classes, names)
         get_event_storage().put_scalar("num_pos_anchors", num_fg / num_images)
         normalizer = self.loss_normalizer(num_fg, self.device)
 
