@@ -9,7 +9,7 @@ Shape shorthand:
 """
 
 import logging
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from torch import nn
 
@@ -21,7 +21,9 @@ from detectron2.utils.registry import Registry
 
 from .registry import get_registered
 
-__all__ = ["RETINANET_HEAD_REGISTRY", "build_retinanet_head", "FocalRetinaNetHead"]
+__all__ = [
+    "RETINANET_HEAD_REGISTRY", "build_retinanet_head", "FocalRetinaNetHead", "head_input_shapes"
+]
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,10 @@ class FocalRetinaNetHead(RetinaNetHead):
         self.num_classes = num_classes
         self.num_anchors = num_anchors
 
+    # The config key that sets K, for error messages; None where the owner fixes K (FocalRPN's
+    # one objectness class), so that no message advises changing a key that has no effect.
+    num_classes_key: Optional[str] = "MODEL.RETINANET.NUM_CLASSES"
+
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]) -> Dict[str, Any]:
         num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
@@ -169,10 +175,18 @@ class FocalRetinaNetHead(RetinaNetHead):
         trained_for = (
             f"{rows // self.num_anchors} classes" if rows % self.num_anchors == 0 else "another A*K"
         )
+        if self.num_classes_key is None:
+            raise ValueError(
+                f"checkpoint {key} has {rows} output channels but this head has {expected} "
+                f"({self.num_classes} class x {self.num_anchors} anchors per location; the class "
+                "count is fixed, the anchors come from MODEL.ANCHOR_GENERATOR.SIZES and "
+                "ASPECT_RATIOS). Set MODEL.ANCHOR_GENERATOR to the anchors the checkpoint was "
+                "trained with, or check that it holds this model's head."
+            )
         raise ValueError(
             f"checkpoint {key} has {rows} output channels ({trained_for} x {self.num_anchors} "
-            f"anchors) but this head has {expected} (MODEL.RETINANET.NUM_CLASSES = "
-            f"{self.num_classes} x {self.num_anchors} anchors). Set MODEL.RETINANET.NUM_CLASSES "
+            f"anchors) but this head has {expected} ({self.num_classes_key} = "
+            f"{self.num_classes} x {self.num_anchors} anchors). Set {self.num_classes_key} "
             "to the checkpoint's number of classes, or load it with detectron2's "
             "DetectionCheckpointer to fine-tune (it drops the mismatched cls_score on purpose)."
         )
@@ -193,6 +207,32 @@ class FocalRetinaNetHead(RetinaNetHead):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, num_anchors={self.num_anchors}"
+
+
+def head_input_shapes(
+    input_shape: Dict[str, ShapeSpec], in_features: Sequence[str], key: str
+) -> List[ShapeSpec]:
+    """The shapes of the levels a shared head runs on, with errors naming ``key``.
+
+    Args:
+        input_shape (dict[str, ShapeSpec]): the backbone's outputs.
+        in_features (Sequence[str]): the levels the head runs on, from the config.
+        key (str): the config key ``in_features`` came from (``MODEL.RETINANET.IN_FEATURES``,
+            ``MODEL.RPN.IN_FEATURES``).
+    """
+    missing = [f for f in in_features if f not in input_shape]
+    if missing:
+        raise ValueError(
+            f"{key} names {missing}, which the backbone does not output (it has "
+            f"{sorted(input_shape)})"
+        )
+    shapes = [input_shape[f] for f in in_features]
+    if len({s.channels for s in shapes}) != 1:
+        raise ValueError(
+            f"{key} = {list(in_features)} have {[s.channels for s in shapes]} channels; the head "
+            "is shared across levels, so choose levels with the same number of channels"
+        )
+    return shapes
 
 
 def _insert_norms(subnet: nn.Sequential, norm: Any) -> nn.Sequential:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from detectron2.utils import comm
 
-__all__ = ["LossNormalizer"]
+__all__ = ["LossNormalizer", "build_loss_normalizer"]
 
 
 class LossNormalizer:
@@ -76,3 +76,31 @@ class LossNormalizer:
 
     def __repr__(self) -> str:
         return f"LossNormalizer(mode={self.mode!r}, momentum={self.momentum}, value={self.value})"
+
+
+def build_loss_normalizer(cfg) -> LossNormalizer:
+    """The normaliser of ``MODEL.RETINANET.LOSS_NORMALIZER`` / ``_MOMENTUM`` / ``_INIT``.
+
+    Shared by FocalRetinaNet and FocalRPN (which reads the same keys), so that a bad value is
+    refused with the name of the key to change rather than a constructor argument's.
+    """
+    rcfg = cfg.MODEL.RETINANET
+    if rcfg.LOSS_NORMALIZER not in LossNormalizer.MODES:
+        raise ValueError(
+            f"MODEL.RETINANET.LOSS_NORMALIZER = {rcfg.LOSS_NORMALIZER!r} is not one of "
+            f"{list(LossNormalizer.MODES)}"
+        )
+    if not 0 <= rcfg.LOSS_NORMALIZER_MOMENTUM < 1:
+        raise ValueError(
+            "MODEL.RETINANET.LOSS_NORMALIZER_MOMENTUM must be in [0, 1), got "
+            f"{rcfg.LOSS_NORMALIZER_MOMENTUM}"
+        )
+    if not rcfg.LOSS_NORMALIZER_INIT > 0:
+        raise ValueError(
+            f"MODEL.RETINANET.LOSS_NORMALIZER_INIT must be > 0, got {rcfg.LOSS_NORMALIZER_INIT}"
+        )
+    return LossNormalizer(
+        rcfg.LOSS_NORMALIZER,
+        momentum=rcfg.LOSS_NORMALIZER_MOMENTUM,
+        initial_value=rcfg.LOSS_NORMALIZER_INIT,
+    )

@@ -33,8 +33,8 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from .box_regression import check_box_reg_loss_type, dense_box_reg_loss
-from .head import build_retinanet_head
-from .loss_normalizer import LossNormalizer
+from .head import build_retinanet_head, head_input_shapes
+from .loss_normalizer import LossNormalizer, build_loss_normalizer
 from .losses import build_cls_loss
 
 __all__ = ["FocalRetinaNet", "build_anchor_matcher", "check_gt_classes"]
@@ -204,20 +204,7 @@ class FocalRetinaNet(DenseDetector):
     def from_config(cls, cfg) -> Dict[str, Any]:
         rcfg = cfg.MODEL.RETINANET
         # Everything that can be checked without building the backbone is checked first.
-        if rcfg.LOSS_NORMALIZER not in LossNormalizer.MODES:
-            raise ValueError(
-                f"MODEL.RETINANET.LOSS_NORMALIZER = {rcfg.LOSS_NORMALIZER!r} is not one of "
-                f"{list(LossNormalizer.MODES)}"
-            )
-        if not 0 <= rcfg.LOSS_NORMALIZER_MOMENTUM < 1:
-            raise ValueError(
-                "MODEL.RETINANET.LOSS_NORMALIZER_MOMENTUM must be in [0, 1), got "
-                f"{rcfg.LOSS_NORMALIZER_MOMENTUM}"
-            )
-        if not rcfg.LOSS_NORMALIZER_INIT > 0:
-            raise ValueError(
-                f"MODEL.RETINANET.LOSS_NORMALIZER_INIT must be > 0, got {rcfg.LOSS_NORMALIZER_INIT}"
-            )
+        loss_normalizer = build_loss_normalizer(cfg)
         if not 0 <= rcfg.NMS_THRESH_TEST <= 1:
             raise ValueError(
                 f"MODEL.RETINANET.NMS_THRESH_TEST must be an IoU in [0, 1], got "
@@ -232,14 +219,9 @@ class FocalRetinaNet(DenseDetector):
         cls_loss = build_cls_loss(cfg)
 
         backbone = build_backbone(cfg)
-        backbone_shape = backbone.output_shape()
-        missing = [f for f in rcfg.IN_FEATURES if f not in backbone_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.RETINANET.IN_FEATURES names {missing}, which the backbone does not output "
-                f"(it has {sorted(backbone_shape)})"
-            )
-        feature_shapes = [backbone_shape[f] for f in rcfg.IN_FEATURES]
+        feature_shapes = head_input_shapes(
+            backbone.output_shape(), rcfg.IN_FEATURES, "MODEL.RETINANET.IN_FEATURES"
+        )
         return {
             "backbone": backbone,
             "head": build_retinanet_head(cfg, feature_shapes),
@@ -251,11 +233,7 @@ class FocalRetinaNet(DenseDetector):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "head_in_features": rcfg.IN_FEATURES,
-            "loss_normalizer": LossNormalizer(
-                rcfg.LOSS_NORMALIZER,
-                momentum=rcfg.LOSS_NORMALIZER_MOMENTUM,
-                initial_value=rcfg.LOSS_NORMALIZER_INIT,
-            ),
+            "loss_normalizer": loss_normalizer,
             "box_reg_loss_type": box_reg_loss_type,
             "smooth_l1_beta": rcfg.SMOOTH_L1_LOSS_BETA,
             "test_score_thresh": rcfg.SCORE_THRESH_TEST,

@@ -30,8 +30,8 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from .box_regression import check_box_reg_loss_type, dense_box_reg_loss
-from .head import build_retinanet_head
-from .loss_normalizer import LossNormalizer
+from .head import FocalRetinaNetHead, build_retinanet_head, head_input_shapes
+from .loss_normalizer import LossNormalizer, build_loss_normalizer
 from .losses import build_cls_loss
 from .meta_arch import build_anchor_matcher
 
@@ -111,20 +111,28 @@ class FocalRPN(RPN):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> Dict[str, Any]:
         rpn = cfg.MODEL.RPN
-        shapes = [input_shape[f] for f in rpn.IN_FEATURES]
-        # The head and the loss read MODEL.RETINANET; objectness is their K = 1 case.
+        # Every error names the key to change. MODEL.RETINANET.NUM_CLASSES is not one of them:
+        # the head and the loss read MODEL.RETINANET with objectness as their K = 1 case.
+        per_class_alpha = list(cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA_PER_CLASS)
+        if len(per_class_alpha) > 1:
+            raise ValueError(
+                f"MODEL.RETINANET.FOCAL_LOSS_ALPHA_PER_CLASS has {len(per_class_alpha)} values, "
+                "but FocalRPN's objectness is a single class: give one value, or [] to use "
+                "MODEL.RETINANET.FOCAL_LOSS_ALPHA"
+            )
+        if not 0 <= rpn.NMS_THRESH <= 1:
+            raise ValueError(f"MODEL.RPN.NMS_THRESH must be an IoU in [0, 1], got {rpn.NMS_THRESH}")
+        loss_normalizer = build_loss_normalizer(cfg)
+        shapes = head_input_shapes(input_shape, rpn.IN_FEATURES, "MODEL.RPN.IN_FEATURES")
         one_class = cfg.clone()
         one_class.defrost()
         one_class.MODEL.RETINANET.NUM_CLASSES = 1
-        rcfg = cfg.MODEL.RETINANET
-        if rcfg.LOSS_NORMALIZER not in LossNormalizer.MODES:
-            raise ValueError(
-                f"MODEL.RETINANET.LOSS_NORMALIZER = {rcfg.LOSS_NORMALIZER!r} is not one of "
-                f"{list(LossNormalizer.MODES)}"
-            )
+        head = build_retinanet_head(one_class, shapes)
+        if isinstance(head, FocalRetinaNetHead):
+            head.num_classes_key = None  # K = 1 whatever the config says
         return {
             "in_features": rpn.IN_FEATURES,
-            "head": build_retinanet_head(one_class, shapes),
+            "head": head,
             "cls_loss": build_cls_loss(one_class),
             "anchor_generator": build_anchor_generator(cfg, shapes),
             "anchor_matcher": build_anchor_matcher(
@@ -144,11 +152,7 @@ class FocalRPN(RPN):
                 rpn.BBOX_REG_LOSS_TYPE, "MODEL.RPN.BBOX_REG_LOSS_TYPE"
             ),
             "smooth_l1_beta": rpn.SMOOTH_L1_BETA,
-            "loss_normalizer": LossNormalizer(
-                rcfg.LOSS_NORMALIZER,
-                momentum=rcfg.LOSS_NORMALIZER_MOMENTUM,
-                initial_value=rcfg.LOSS_NORMALIZER_INIT,
-            ),
+            "loss_normalizer": loss_normalizer,
         }
 
     @torch.no_grad()
