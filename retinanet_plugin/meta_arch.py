@@ -394,9 +394,10 @@ class FocalRetinaNet(DenseDetector):
         The result equals detectron2's ``RetinaNet`` inference (up to the order of equal scores)
         but is computed differently: scores are thresholded in logit space, x > logit(t) being
         sigmoid(x) > t, directly in the head's (N, A*K, Hi, Wi) layout, so neither the sigmoid
-        nor the (N, Hi*Wi*A, K) transpose of the full logits is ever computed; each level is
-        handled for all images at once, and only the C candidates are gathered, decoded and
-        passed through the sigmoid. The head's outputs are not modified.
+        nor the (N, Hi*Wi*A, K) transpose of the full logits is ever computed; a level with
+        few candidates (a trained head) is searched for all images at once, one with many (an
+        untrained head) image by image to bound the peak memory; only the C candidates are
+        gathered, decoded and passed through the sigmoid. The head's outputs are not modified.
 
         Args:
             anchors (list[Boxes]): L levels of (Hi*Wi*A, 4) anchors.
@@ -469,18 +470,20 @@ class FocalRetinaNet(DenseDetector):
         located = ~(logits.amax(dim=1) <= thresh)
         cells = located.nonzero()  # (M, 3)
         if cells.shape[0] * _DENSE_FRACTION > located.numel():
-            # Most locations have a candidate (an untrained head): one pass over everything.
-            image_idx, channel, y, x = (logits > thresh).nonzero().unbind(1)
+            # Most locations have a candidate (an untrained head).
+            image_idx, channel, y, x, values = self._dense_candidates(logits, thresh)
         else:
             cell_image, cell_y, cell_x = cells.unbind(1)
             # Advanced indices around a slice put the indexed dim first: (M, A*K).
             cell_scores = logits[cell_image, :, cell_y, cell_x]
             cell, channel = (cell_scores > thresh).nonzero().unbind(1)
             image_idx, y, x = cell_image[cell], cell_y[cell], cell_x[cell]
-        values = logits[image_idx, channel, y, x]
-        if values.numel() > self.test_topk_candidates:
-            keep = self._topk_per_image(image_idx, values, num_images)
-            image_idx, channel, y, x, values = (t[keep] for t in (image_idx, channel, y, x, values))
+            values = logits[image_idx, channel, y, x]
+            if values.numel() > self.test_topk_candidates:
+                keep = self._topk_per_image(image_idx, values, num_images)
+                image_idx, channel, y, x, values = (
+                    t[keep] for t in (image_idx, channel, y, x, values)
+                )
         anchor_in_cell = torch.div(channel, num_classes, rounding_mode="floor")
         classes = channel - anchor_in_cell * num_classes
         anchor_idx = (y * width + x) * num_anchors + anchor_in_cell
@@ -489,6 +492,31 @@ class FocalRetinaNet(DenseDetector):
             image_idx, anchor_in_cell, :, y, x
         ]
         return image_idx, values, classes, cand_deltas, anchors.tensor[anchor_idx]
+
+    def _dense_candidates(self, logits: Tensor, thresh: float) -> Tuple[Tensor, ...]:
+        """The top-k candidates above the threshold of one level, image by image.
+
+        Each image's candidates are cut to its top-k before the next image is searched, so the
+        peak memory (its mask and the ``nonzero`` indices, 24 bytes per candidate) is that of one
+        image rather than growing with the batch.
+
+        Args:
+            logits (Tensor): (N, A*K, Hi, Wi).
+            thresh (float): logit threshold.
+
+        Returns:
+            Tensors of the C kept candidates: image index, channel, y, x and logit, all (C,).
+        """
+        k = self.test_topk_candidates
+        per_image = []
+        for i, logits_i in enumerate(logits):
+            channel, y, x = (logits_i > thresh).nonzero().unbind(1)
+            values = logits_i[channel, y, x]
+            if values.numel() > k:
+                keep = values.topk(k, sorted=False).indices
+                channel, y, x, values = channel[keep], y[keep], x[keep], values[keep]
+            per_image.append((torch.full_like(channel, i), channel, y, x, values))
+        return tuple(cat(list(t)) for t in zip(*per_image))
 
     def _topk_per_image(self, image_idx: Tensor, values: Tensor, num_images: int) -> Tensor:
         """Indices of the ``test_topk_candidates`` largest ``values`` of each image.

@@ -28,6 +28,7 @@ from detectron2.modeling.proposal_generator.build import PROPOSAL_GENERATOR_REGI
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
+from detectron2.utils.memory import retry_if_cuda_oom
 
 from .box_regression import check_box_reg_loss_type, dense_box_reg_loss
 from .head import FocalRetinaNetHead, build_retinanet_head, head_input_shapes
@@ -172,7 +173,12 @@ class FocalRPN(RPN):
         anchors = Boxes.cat(anchors)
         labels, matched_boxes = [], []
         for gt in gt_instances:
-            matched_idxs, labels_i = self.anchor_matcher(pairwise_iou(gt.gt_boxes, anchors))
+            # The (G, R) IoU matrix of an image with many boxes can exhaust GPU memory; as
+            # detectron2's RPN does, retry after emptying the cache, then on CPU.
+            match_quality = retry_if_cuda_oom(pairwise_iou)(gt.gt_boxes, anchors)
+            matched_idxs, labels_i = retry_if_cuda_oom(self.anchor_matcher)(match_quality)
+            del match_quality
+            matched_idxs = matched_idxs.to(device=gt.gt_boxes.device)
             labels_i = labels_i.to(dtype=torch.int64, device=gt.gt_boxes.device)
             if self.anchor_boundary_thresh >= 0:
                 # Legacy Detectron option (off by default): ignore anchors crossing the image.
@@ -209,7 +215,8 @@ class FocalRPN(RPN):
         num_images = len(gt_labels)
         labels = torch.stack(gt_labels)  # (N, R)
         fg_mask = labels == 1
-        # One host sync for both diagnostics; the normaliser needs the count on the host anyway.
+        # One host sync for both diagnostics (the normaliser needs the count on the host anyway);
+        # the box loss's foreground indices are the step's other one, as in detectron2's RPN.
         num_fg, num_bg = torch.stack([fg_mask.sum(), (labels == 0).sum()]).tolist()
         storage = get_event_storage()
         storage.put_scalar("rpn/num_pos_anchors", num_fg / num_images)

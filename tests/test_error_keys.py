@@ -5,34 +5,14 @@ case, so its messages must never send the user to MODEL.RETINANET.NUM_CLASSES, w
 effect there.
 """
 
-import os
-
 import pytest
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from retinanet_plugin import add_retinanet_plugin_config
+from small_config import small_focal_rpn_cfg, small_retinanet_cfg
 
-from small_config import small_retinanet_cfg
-
-FOCAL_RPN_CONFIG = os.path.join(
-    os.path.dirname(__file__), "..", "configs", "faster_rcnn_focal_rpn_R_50_FPN_1x.yaml"
-)
-
-
-def _rpn_cfg(*opts):
-    cfg = get_cfg()
-    add_retinanet_plugin_config(cfg)
-    cfg.merge_from_file(FOCAL_RPN_CONFIG)
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.merge_from_list(list(opts))
-    return cfg
+_rpn_cfg = small_focal_rpn_cfg
 
 
 def _retinanet_cfg(*opts):
@@ -62,7 +42,9 @@ CASES = {
         _rpn_cfg, ["MODEL.RETINANET.LOSS_NORMALIZER_INIT", 0.0],
         "MODEL.RETINANET.LOSS_NORMALIZER_INIT",
     ),
-    "rpn_missing_level": (_rpn_cfg, ["MODEL.RPN.IN_FEATURES", ["p2", "p9"]], "MODEL.RPN.IN_FEATURES"),
+    "rpn_missing_level": (
+        _rpn_cfg, ["MODEL.RPN.IN_FEATURES", ["p2", "p9"]], "MODEL.RPN.IN_FEATURES"
+    ),
     "rpn_channels": (
         _rpn_cfg, NO_FPN + ["MODEL.RPN.IN_FEATURES", ["res4", "res5"]], "MODEL.RPN.IN_FEATURES"
     ),
