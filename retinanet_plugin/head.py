@@ -145,6 +145,17 @@ class FocalRetinaNetHead(RetinaNetHead):
             raise ValueError(
                 f"MODEL.RETINANET.PRIOR_PROB (pi, Sec. 3.3) must be in (0, 1), got {prior_prob}"
             )
+        for name in ("SIZES", "ASPECT_RATIOS"):
+            per_level = cfg.MODEL.ANCHOR_GENERATOR[name]
+            # detectron2 asserts this without naming the key: one list per level, or one list
+            # (or a flat list) for all levels.
+            nested = len(per_level) > 0 and isinstance(per_level[0], (list, tuple))
+            if nested and len(per_level) not in (1, len(input_shape)):
+                raise ValueError(
+                    f"MODEL.ANCHOR_GENERATOR.{name} has {len(per_level)} lists, one per level, "
+                    f"but the head runs on {len(input_shape)} levels; give one list per level "
+                    "or a single list for all"
+                )
         num_anchors = build_anchor_generator(cfg, input_shape).num_cell_anchors
         if len(set(num_anchors)) != 1:
             # One shared conv predicts A outputs per location on every level.

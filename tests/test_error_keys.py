@@ -49,6 +49,13 @@ CASES = {
         _rpn_cfg, NO_FPN + ["MODEL.RPN.IN_FEATURES", ["res4", "res5"]], "MODEL.RPN.IN_FEATURES"
     ),
     "rpn_nms": (_rpn_cfg, ["MODEL.RPN.NMS_THRESH", 1.5], "MODEL.RPN.NMS_THRESH"),
+    "rpn_anchor_levels": (
+        _rpn_cfg, ["MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64]]], "MODEL.ANCHOR_GENERATOR.SIZES"
+    ),
+    "retinanet_anchor_levels": (
+        _retinanet_cfg, ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5], [1.0]]],
+        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
+    ),
     "retinanet_momentum": (
         _retinanet_cfg, ["MODEL.RETINANET.LOSS_NORMALIZER_MOMENTUM", -0.1],
         "MODEL.RETINANET.LOSS_NORMALIZER_MOMENTUM",
