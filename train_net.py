@@ -23,14 +23,16 @@ import logging
 import os
 
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, HookBase, default_argument_parser, default_setup
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from retinanet_plugin import RetinaNetCheckpointer, add_retinanet_plugin_config
 from retinanet_plugin.data import (
     RobustDatasetMapper,
+    build_robust_train_loader,
     check_datasets,
     register_datasets_from_cfg,
     register_deepforest,
@@ -86,8 +88,7 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         # 16-bit grayscale keeps its contrast; DATALOADER.SKIP_UNREADABLE_IMAGES skips images
         # that fail to decode. BatchRecorder keeps the last batch's image ids for the loss guard.
-        mapper = RobustDatasetMapper(cfg, is_train=True)
-        loader = build_detection_train_loader(cfg, mapper=mapper)
+        loader, mapper = build_robust_train_loader(cfg)
         return BatchRecorder(loader, skipped=mapper.skipped if mapper.skip_unreadable else None)
 
     @classmethod
@@ -123,6 +124,8 @@ def setup(args):
     resolve_dataset_paths(cfg, args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # The plugin's own messages (dataset checks, skipped images) in the console and log.txt.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retinanet_plugin")
     register_datasets_from_cfg(cfg)
     if set(DATASET_NAMES.values()) & set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST):
         register_deepforest()

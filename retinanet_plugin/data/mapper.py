@@ -5,36 +5,54 @@ the EXIF orientation), but converts a 16-bit grayscale PNG by *clipping* each va
 typical 16-bit image (values in the thousands) turns almost white. :func:`read_image` keeps the
 high byte instead (value >> 8), which is what Pillow itself does for 16-bit RGB PNGs, so 16-bit
 grayscale and 16-bit colour files map the same intensity to the same 8-bit value. Everything else
-is detectron2's code path.
+is detectron2's code path, except that a file that fails to decode raises: detectron2's
+``read_image`` returns a corrupt PNG as an array of zeros without an error (its EXIF lookup
+decodes the PNG and swallows the decoding error).
+
+Integer boxes (common in hand-made COCO files) are made float before the resize: detectron2's
+``ResizeTransform.apply_coords`` scales coordinates in place, which truncates an integer array,
+so ``[20, 10, 30, 20]`` resized by 1.3375 would start at x = 26 instead of 26.75.
 
 :class:`RobustDatasetMapper` is detectron2's ``DatasetMapper`` reading images that way, and,
-with ``skip_unreadable`` (``DATALOADER.SKIP_UNREADABLE_IMAGES``), returning None for an image
-that fails to decode: detectron2's ``MapDataset`` then draws another image. Each skip is logged
-with the file name and image id and counted in :attr:`RobustDatasetMapper.skipped`, a counter
-shared with data-loader worker processes.
+with ``skip_unreadable`` (``DATALOADER.SKIP_UNREADABLE_IMAGES``), replacing an image that fails
+to decode by another one drawn at random from :attr:`RobustDatasetMapper.fallback_dataset`
+(:func:`build_robust_train_loader` sets it to the training set; without one the mapper returns
+None and detectron2's ``MapDataset`` draws another, which detectron2 0.6 cannot do on Python
+>= 3.11: ``random.sample`` of a set). Each skip is logged with the file name and image id and
+counted in :attr:`RobustDatasetMapper.skipped`, a counter shared with data-loader workers.
 """
 
 import copy
 import logging
 import multiprocessing as mp
-from typing import Any, Dict, Optional
+import os
+import random
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
 from detectron2.config import configurable
-from detectron2.data import DatasetMapper
+from detectron2.data import DatasetFromList, DatasetMapper, build_detection_train_loader
+from detectron2.data.build import _train_loader_from_config
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["UNREADABLE_IMAGE_ERRORS", "RobustDatasetMapper", "read_image"]
+__all__ = [
+    "UNREADABLE_IMAGE_ERRORS",
+    "RobustDatasetMapper",
+    "build_robust_train_loader",
+    "read_image",
+]
 
 logger = logging.getLogger(__name__)
 
 # Pillow modes of 16- and 32-bit integer single-channel images.
 _WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+# Consecutive undecodable draws after which the data is declared unusable.
+MAX_CONSECUTIVE_SKIPS = 20
 # What a file that cannot be decoded raises: OSError (missing, truncated, unidentified),
 # SyntaxError (some broken PNGs), DecompressionBombError (beyond Pillow's pixel limit).
 UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
@@ -52,6 +70,9 @@ def read_image(file_name: str, format: Optional[str] = None) -> np.ndarray:
     """
     with PathManager.open(file_name, "rb") as f:
         image = Image.open(f)
+        # Decode now, so that a corrupt file raises: detectron2's EXIF lookup decodes a PNG as a
+        # side effect and swallows its errors, after which the image loads as zeros.
+        image.load()
         if image.mode not in _WIDE_INTEGER_MODES:
             image = utils._apply_exif_orientation(image)
             return utils.convert_PIL_to_numpy(image, format)
@@ -67,6 +88,8 @@ class RobustDatasetMapper(DatasetMapper):
     Attributes:
         skipped: ``multiprocessing.Value`` counting the images skipped so far, in this process
             and in data-loader workers started after the mapper was built.
+        fallback_dataset: dataset dicts to draw a replacement from when skipping (indexable),
+            or None.
     """
 
     @configurable
@@ -80,6 +103,8 @@ class RobustDatasetMapper(DatasetMapper):
         super().__init__(is_train, **kwargs)
         self.skip_unreadable = skip_unreadable
         self.skipped = mp.Value("q", 0)
+        self.fallback_dataset: Optional[Sequence[Dict[str, Any]]] = None
+        self._rng: Optional[random.Random] = None
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> Dict[str, Any]:
@@ -104,12 +129,33 @@ class RobustDatasetMapper(DatasetMapper):
             logger.warning("Skipping %s: cannot decode the image (%s)", where, e)
             return None
 
-    def __call__(self, dataset_dict: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        """Maps one dataset dict as detectron2's ``DatasetMapper`` does (None: skipped)."""
-        image = self._read(dataset_dict)
-        if image is None:
+    def _replacement(self) -> Optional[Dict[str, Any]]:
+        if not self.fallback_dataset:
             return None
+        if self._rng is None:  # per process: forked data-loader workers draw differently
+            self._rng = random.Random(os.getpid())
+        return self.fallback_dataset[self._rng.randrange(len(self.fallback_dataset))]
+
+    def __call__(self, dataset_dict: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """Maps one dataset dict as detectron2's ``DatasetMapper`` does; an undecodable image
+        raises, or with ``skip_unreadable`` is replaced (None: skipped, no replacement)."""
+        first = dataset_dict
+        for _ in range(MAX_CONSECUTIVE_SKIPS):
+            image = self._read(dataset_dict)
+            if image is not None:
+                return self._map(dataset_dict, image)
+            dataset_dict = self._replacement()
+            if dataset_dict is None:
+                return None
+        raise OSError(
+            f"{MAX_CONSECUTIVE_SKIPS} images in a row failed to decode (first {first['file_name']}"
+            f", last {dataset_dict['file_name']}); see the log for each"
+        )
+
+    def _map(self, dataset_dict: Dict[str, Any], image: np.ndarray) -> Dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)
+        for anno in dataset_dict.get("annotations", ()):
+            anno["bbox"] = [float(v) for v in anno["bbox"]]  # see the module docstring
         utils.check_image_size(dataset_dict, image)
         sem_seg = None
         if "sem_seg_file_name" in dataset_dict:
@@ -131,3 +177,20 @@ class RobustDatasetMapper(DatasetMapper):
         if "annotations" in dataset_dict:
             self._transform_annotations(dataset_dict, transforms, image_shape)
         return dataset_dict
+
+
+def build_robust_train_loader(cfg) -> Tuple[Any, RobustDatasetMapper]:
+    """detectron2's training loader with :class:`RobustDatasetMapper`, whose replacements for
+    skipped images come from the training set itself.
+
+    Returns:
+        (loader, mapper): the mapper for its :attr:`~RobustDatasetMapper.skipped` counter.
+    """
+    mapper = RobustDatasetMapper(cfg, is_train=True)
+    kwargs = _train_loader_from_config(cfg, mapper=mapper)
+    # Serialised once (as detectron2 does) and shared with the forked workers.
+    dataset = DatasetFromList(kwargs["dataset"], copy=False)
+    kwargs["dataset"] = dataset
+    if mapper.skip_unreadable:
+        mapper.fallback_dataset = dataset
+    return build_detection_train_loader(**kwargs), mapper
