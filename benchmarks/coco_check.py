@@ -69,7 +69,8 @@ def main() -> None:
         t_off = _time(full, images, "off", args.threads)
         print(f"off (JSON only):  {t_off:8.2f} s")
         t_header = _time(full, images, "header", args.threads)
-        print(f"header (default): {t_header:8.2f} s  ({1e6 * t_header / args.num_images:.0f} us/image)")
+        per_image = 1e6 * t_header / args.num_images
+        print(f"header (default): {t_header:8.2f} s  ({per_image:.0f} us/image)")
         t_decode = _time(subset, images, "decode", args.threads) * args.num_images / n
         print(f"decode:           {t_decode:8.2f} s  (extrapolated from {n} images)")
         print(f"decode / header:  {t_decode / t_header:8.1f}x")

@@ -85,8 +85,9 @@ def test_truncated_file_is_found_from_the_header_without_decoding(
     monkeypatch.setattr(Image.Image, "load", no_decode)
     fmt = {"jpg": "JPEG", "png": "PNG"}[suffix]
     with pytest.raises(
-        CocoCheckError, match=rf"ann\.json: image id 3 \(t\.{suffix}\): image file .*t\.{suffix} "
-        rf"is truncated: a {fmt} file must end with"
+        CocoCheckError,
+        match=rf"ann\.json: image id 3 \(t\.{suffix}\): image file .*t\.{suffix} "
+        rf"is truncated: a {fmt} file must end with",
     ):
         check_coco_json(path)
 

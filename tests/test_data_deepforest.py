@@ -23,7 +23,11 @@ from detectron2.structures import BoxMode
 
 from retinanet_plugin.data import deepforest
 from retinanet_plugin.data.coco_check import validate_coco_json
-from retinanet_plugin.data.deepforest import fetch_deepforest, prepare_deepforest, register_deepforest
+from retinanet_plugin.data.deepforest import (
+    fetch_deepforest,
+    prepare_deepforest,
+    register_deepforest,
+)
 from retinanet_plugin.data.tiling import convert_voc_to_coco
 from retinanet_plugin.data.wheel_fetch import fetch_from_wheel, sha256_of
 

@@ -47,6 +47,12 @@ def train_net():
     return _load_train_net()
 
 
+@pytest.fixture(autouse=True)
+def eager_focal_loss(monkeypatch):
+    # These tests are about data, not the fused loss: skip its one-off torch.compile (seconds).
+    monkeypatch.setenv("RETINANET_PLUGIN_COMPILE", "0")
+
+
 def _corrupt_png(path):
     """Replaces the second half of the compressed pixels by noise: header and IEND intact (the
     header check passes), decoding fails ("broken data stream")."""
@@ -119,7 +125,9 @@ def test_relative_paths_resolve_against_the_config_that_sets_them(train_net, tmp
     # On the command line, relative paths are relative to the working directory.
     cli = "[['rel_cli', 'project/data/train.json', 'project/data/images']]"
     cfg = train_net.setup(
-        _args(base, tmp_path / "out", "DATASETS.COCO_INSTANCES", cli, "DATASETS.TRAIN", "('rel_cli',)")
+        _args(
+            base, tmp_path / "out", "DATASETS.COCO_INSTANCES", cli, "DATASETS.TRAIN", "('rel_cli',)"
+        )
     )
     assert cfg.DATASETS.COCO_INSTANCES[0][1] == str(project / "data" / "train.json")
 
@@ -130,8 +138,14 @@ def test_reregistration_and_name_clashes(train_net, tmp_path, caplog):
     def setup(json_path, name="rereg_train"):
         entry = f"[['{name}', '{json_path}', '{json_path.parent / 'images'}']]"
         return train_net.setup(
-            _args(DEMO_CONFIG, tmp_path / "out", "DATASETS.COCO_INSTANCES", entry,
-                  "DATASETS.TRAIN", f"('{name}',)")  # fmt: skip
+            _args(
+                DEMO_CONFIG,
+                tmp_path / "out",
+                "DATASETS.COCO_INSTANCES",
+                entry,
+                "DATASETS.TRAIN",
+                f"('{name}',)",
+            )
         )
 
     setup(first)
@@ -190,11 +204,19 @@ def test_skipped_images_are_logged_and_counted_in_the_metrics(train_net, tmp_pat
     out = tmp_path / "out"
     train_net.main(
         _args(
-            DEMO_CONFIG, out, "DATASETS.COCO_INSTANCES", entry, "DATASETS.TRAIN",
-            "('with_corrupt',)", "DATALOADER.SKIP_UNREADABLE_IMAGES", "True",
-            "DATALOADER.NUM_WORKERS", "1",  # counted across the worker process
-            "SOLVER.MAX_ITER", "4",
-        )  # fmt: skip
+            DEMO_CONFIG,
+            out,
+            "DATASETS.COCO_INSTANCES",
+            entry,
+            "DATASETS.TRAIN",
+            "('with_corrupt',)",
+            "DATALOADER.SKIP_UNREADABLE_IMAGES",
+            "True",
+            "DATALOADER.NUM_WORKERS",
+            "1",  # counted across the worker process
+            "SOLVER.MAX_ITER",
+            "4",
+        )
     )
     records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     counts = [r["data/skipped_images"] for r in records if "data/skipped_images" in r]
@@ -202,7 +224,9 @@ def test_skipped_images_are_logged_and_counted_in_the_metrics(train_net, tmp_pat
     assert counts and counts[-1] > 0, records
     assert (out / "model_final.pth").is_file()  # and training went on to the end
     log = (out / "log.txt").read_text()  # written by the worker process too
-    assert "Skipping" in log and ("img1.png (image id 11)" in log or "img2.png (image id 12)" in log)
+    assert "Skipping" in log and (
+        "img1.png (image id 11)" in log or "img2.png (image id 12)" in log
+    )
 
 
 class _LossModel(torch.nn.Module):
@@ -233,13 +257,21 @@ def test_nonfinite_loss_in_a_real_run(train_net, tmp_path):
     entry = f"[['nan_run', '{data}', '{tmp_path / 'images'}']]"
     # A pixel std of 0 divides every normalised pixel by zero: the losses become NaN at once.
     with pytest.raises(
-        FloatingPointError, match=r"Non-finite loss at iteration 0: loss_cls = nan.*image ids of "
-        r"this process's batch: \[1[01], 1[01]\]"
+        FloatingPointError,
+        match=r"Non-finite loss at iteration 0: loss_cls = nan.*image ids of "
+        r"this process's batch: \[1[01], 1[01]\]",
     ):
         train_net.main(
             _args(
-                DEMO_CONFIG, tmp_path / "out", "DATASETS.COCO_INSTANCES", entry,
-                "DATASETS.TRAIN", "('nan_run',)", "MODEL.PIXEL_STD", "[0.0, 0.0, 0.0]",
-                "SOLVER.MAX_ITER", "2",
-            )  # fmt: skip
+                DEMO_CONFIG,
+                tmp_path / "out",
+                "DATASETS.COCO_INSTANCES",
+                entry,
+                "DATASETS.TRAIN",
+                "('nan_run',)",
+                "MODEL.PIXEL_STD",
+                "[0.0, 0.0, 0.0]",
+                "SOLVER.MAX_ITER",
+                "2",
+            )
         )

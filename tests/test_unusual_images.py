@@ -21,6 +21,7 @@ from detectron2.utils.events import EventStorage
 
 from retinanet_plugin.data import RobustDatasetMapper, check_coco_json
 from retinanet_plugin.data.mapper import read_image
+
 from small_config import small_retinanet_cfg
 
 BACKGROUND, SHAPE = 40, 220  # gray levels; RGB images use these in every channel
@@ -155,11 +156,11 @@ def test_tiny_image_smaller_than_the_smallest_anchor(cfg, model, tmp_path):
 
 
 def test_huge_image(cfg, model, tmp_path):
-    # 6000 x 4000 (24 MP) shrinks to 96 x 64: the box must shrink by the same 1/62.5.
-    box = (1500, 1000, 2500, 2000)
-    Image.fromarray(_pixels(6000, 4000, box), "L").save(tmp_path / "huge.png")
-    record = _dataset(tmp_path, "huge.png", 6000, 4000, box)
+    # 4800 x 3200 (15 MP) shrinks to 96 x 64: the box must shrink by the same 1/50.
+    box = (1200, 800, 2000, 1600)
+    Image.fromarray(_pixels(4800, 3200, box), "L").save(tmp_path / "huge.png")
+    record = _dataset(tmp_path, "huge.png", 4800, 3200, box)
     mapped = _map_and_train(cfg, model, record, (64, 96))
     assert mapped["instances"].gt_boxes.tensor[0].tolist() == pytest.approx(
-        [1500 * 96 / 6000, 1000 * 64 / 4000, 4000 * 96 / 6000, 3000 * 64 / 4000], abs=1e-4
+        [1200 / 50, 800 / 50, 3200 / 50, 2400 / 50], abs=1e-4
     )

@@ -7,7 +7,12 @@ where the data lives.
 """
 
 from .coco_check import CHECK_MODES, CocoCheckError, check_coco_json, image_size, validate_coco_json
-from .deepforest import convert_deepforest, fetch_deepforest, prepare_deepforest, register_deepforest
+from .deepforest import (
+    convert_deepforest,
+    fetch_deepforest,
+    prepare_deepforest,
+    register_deepforest,
+)
 from .mapper import RobustDatasetMapper, build_robust_train_loader, read_image
 from .registration import check_datasets, register_datasets_from_cfg
 from .tiling import convert_voc_to_coco

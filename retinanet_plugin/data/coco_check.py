@@ -23,9 +23,9 @@ import json
 import logging
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from PIL import Image
@@ -224,9 +224,7 @@ def _load(path: Path) -> Dict[str, Any]:
         raise CocoCheckError(f"{path}: not a COCO JSON file (cannot parse JSON: {e})") from None
     keys = ("images", "annotations", "categories")
     if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in keys):
-        raise CocoCheckError(
-            f"{path}: not a COCO instances file (needs lists {', '.join(keys)})"
-        )
+        raise CocoCheckError(f"{path}: not a COCO instances file (needs lists {', '.join(keys)})")
     return coco
 
 

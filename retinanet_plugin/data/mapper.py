@@ -35,9 +35,9 @@ from PIL import Image
 
 from detectron2.config import configurable
 from detectron2.data import DatasetFromList, DatasetMapper, build_detection_train_loader
-from detectron2.data.build import _train_loader_from_config
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.data.build import _train_loader_from_config
 from detectron2.utils.file_io import PathManager
 
 __all__ = [

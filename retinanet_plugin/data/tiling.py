@@ -213,4 +213,3 @@ def convert_voc_to_coco(
     os.replace(partial, json_path)  # a reader never sees half a file
     logger.info("Wrote %s: %s", json_path, stats)
     return stats
-

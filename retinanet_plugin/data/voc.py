@@ -20,6 +20,7 @@ __all__ = ["VocAnnotation", "VocObject", "parse_voc_xml", "read_voc_image"]
 
 PathLike = Union[str, os.PathLike]
 
+
 @dataclass(frozen=True)
 class VocObject:
     """One ``<object>`` of a VOC file.
@@ -120,9 +121,7 @@ def parse_voc_xml(xml_path: PathLike) -> VocAnnotation:
     return VocAnnotation(xml_path, _text(root, "filename"), width, height, objects)
 
 
-def read_voc_image(
-    ann: VocAnnotation, image_path: Optional[PathLike]
-) -> Tuple[Path, np.ndarray]:
+def read_voc_image(ann: VocAnnotation, image_path: Optional[PathLike]) -> Tuple[Path, np.ndarray]:
     """Reads the image of ``ann`` and checks it against ``<size>`` and every box.
 
     Returns:
@@ -152,4 +151,3 @@ def read_voc_image(
                 f"xmax, ymax) lies outside the {width}x{height} image {image_path.name}"
             )
     return image_path, image
-
