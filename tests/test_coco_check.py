@@ -239,3 +239,15 @@ def test_command_line(tmp_path, capsys):
     bad = _write(tmp_path, [_img(1, "a.jpg")], [_ann(1, [0, 0, 0, 5])], name="bad.json")
     assert coco_check.main([str(bad), "--image-root", str(tmp_path), "--mode", "decode"]) == 1
     assert "bad.json: annotation id 1 (image id 1, a.jpg)" in capsys.readouterr().err
+
+
+def test_image_beyond_the_decompression_bomb_limit(tmp_path, monkeypatch):
+    # Pillow refuses images over twice MAX_IMAGE_PIXELS; lowered so a 60x40 (2400 px) file is one.
+    _png(tmp_path / "b.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = _write(tmp_path, [_img(8, "b.png")])
+    with pytest.raises(
+        CocoCheckError, match=r"image id 8 \(b\.png\): .* cannot be read as an image "
+        r"\(DecompressionBombError: Image size \(2400 pixels\) exceeds limit"
+    ):  # fmt: skip
+        check_coco_json(path)

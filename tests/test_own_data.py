@@ -21,7 +21,8 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.engine import SimpleTrainer, default_argument_parser
 
 from retinanet_plugin import add_retinanet_plugin_config
-from retinanet_plugin.data import CocoCheckError, RobustDatasetMapper
+from retinanet_plugin.data import CocoCheckError, RobustDatasetMapper, register_datasets_from_cfg
+from retinanet_plugin.data.registration import resolve_dataset_paths
 from retinanet_plugin.engine import BatchRecorder, guard_nonfinite_losses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,8 +115,13 @@ def test_relative_paths_resolve_against_the_config_that_sets_them(train_net, tmp
     child = _yaml(project / "configs" / "sub" / "child.yaml", '_BASE_: "../base.yaml"\n')
     monkeypatch.chdir(tmp_path)  # neither config's folder
     expected = [["rel_train", str(project / "data" / "train.json"), str(project / "data/images")]]
-    for config in (base, child, child):  # the second setup with the same data is harmless
-        cfg = train_net.setup(_args(config, tmp_path / "out"))
+    # The key's own file: resolved against it (resolve_dataset_paths is what setup() calls).
+    cfg = add_retinanet_plugin_config(get_cfg())
+    cfg.merge_from_file(str(base))
+    resolve_dataset_paths(cfg, str(base))
+    assert cfg.DATASETS.COCO_INSTANCES == expected
+    for _ in range(2):  # a second setup() in the same process with the same data is harmless
+        cfg = train_net.setup(_args(child, tmp_path / "out"))
         assert cfg.DATASETS.COCO_INSTANCES == expected
         assert MetadataCatalog.get("rel_train").json_file == expected[0][1]
         assert len(DatasetCatalog.get("rel_train")) == 4
@@ -132,31 +138,22 @@ def test_relative_paths_resolve_against_the_config_that_sets_them(train_net, tmp
     assert cfg.DATASETS.COCO_INSTANCES[0][1] == str(project / "data" / "train.json")
 
 
-def test_reregistration_and_name_clashes(train_net, tmp_path, caplog):
+def test_reregistration_and_name_clashes(tmp_path, caplog):
     first, second = _shapes(tmp_path / "a"), _shapes(tmp_path / "b", n=2)
 
-    def setup(json_path, name="rereg_train"):
-        entry = f"[['{name}', '{json_path}', '{json_path.parent / 'images'}']]"
-        return train_net.setup(
-            _args(
-                DEMO_CONFIG,
-                tmp_path / "out",
-                "DATASETS.COCO_INSTANCES",
-                entry,
-                "DATASETS.TRAIN",
-                f"('{name}',)",
-            )
-        )
+    def register(json_path, name="rereg_train"):
+        cfg = add_retinanet_plugin_config(get_cfg())
+        cfg.DATASETS.COCO_INSTANCES = [[name, str(json_path), str(json_path.parent / "images")]]
+        return register_datasets_from_cfg(cfg)  # what train_net.setup() calls
 
-    setup(first)
-    setup(first)
+    assert register(first) == register(first) == ["rereg_train"]
     assert len(DatasetCatalog.get("rereg_train")) == 4
     with caplog.at_level(logging.WARNING):
-        setup(second)  # the config changed: it wins, with a warning
+        register(second)  # the config changed: it wins, with a warning
     assert "re-registering 'rereg_train'" in caplog.text
     assert len(DatasetCatalog.get("rereg_train")) == 2
     with pytest.raises(ValueError, match=r"dataset 'coco_2017_train' is already registered"):
-        setup(first, name="coco_2017_train")  # detectron2's builtin: never overwritten
+        register(first, name="coco_2017_train")  # detectron2's builtin: never overwritten
 
 
 def test_num_classes_must_match_the_categories(train_net, tmp_path):
