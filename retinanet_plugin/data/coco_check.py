@@ -26,7 +26,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from PIL import Image
 
@@ -61,14 +61,13 @@ def _is_number(value: Any) -> bool:
     return _is_int(value) or isinstance(value, float)
 
 
-def _ends_with_marker(path: Path, image_format: Optional[str]) -> bool:
+def _ends_with_marker(f: BinaryIO, image_format: Optional[str]) -> bool:
     marker = _END_MARKERS.get(image_format or "")
     if marker is None:
         return True  # no cheap test for this format; "decode" mode catches it
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - _TAIL_BYTES))
-        return marker in f.read()
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - _TAIL_BYTES))
+    return marker in f.read()
 
 
 def _exif_orientation(image: Image.Image) -> int:
@@ -94,20 +93,19 @@ def image_size(path: PathLike, *, decode: bool = False) -> Tuple[int, int, int]:
         FileNotFoundError: no such file.
         OSError: not an image Pillow can read, or truncated; the message says which.
     """
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
+    with open(path, "rb") as f:  # FileNotFoundError propagates
+        try:
+            image = Image.open(f)
             width, height = image.size
             image_format = image.format
             orientation = _exif_orientation(image)
             if decode:
                 image.load()
-    except FileNotFoundError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        # Pillow raises SyntaxError for some broken PNGs, ValueError for bad headers.
-        raise OSError(f"cannot be read as an image ({type(e).__name__}: {e})") from None
-    if not decode and not _ends_with_marker(path, image_format):
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            # Pillow raises SyntaxError for some broken PNGs, ValueError for bad headers.
+            raise OSError(f"cannot be read as an image ({type(e).__name__}: {e})") from None
+        truncated = not decode and not _ends_with_marker(f, image_format)
+    if truncated:
         raise OSError(
             f"is truncated: a {image_format} file must end with "
             f"{_END_MARKERS[image_format]!r} and this one does not"
@@ -143,6 +141,25 @@ def _check_image_file(
                 "in the rotated image, as it is displayed"
             )
     return message
+
+
+def _check_image_files(
+    json_path: Path, images: List[Mapping[str, Any]], image_root: Path, mode: str, threads: int
+) -> List[str]:
+    """Checks the files in ``threads`` contiguous slices (one task each: a task per image costs
+    more in thread-pool locking than a header read), errors in image order."""
+    decode = mode == "decode"
+    step = max(1, -(-len(images) // max(1, threads)))
+
+    def check(start: int) -> List[str]:
+        found = (
+            _check_image_file(json_path, img, image_root, decode)
+            for img in images[start : start + step]
+        )
+        return [e for e in found if e is not None]
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        return [e for part in pool.map(check, range(0, len(images), step)) for e in part]
 
 
 def _check_categories(path: Path, coco: Mapping[str, Any]) -> Tuple[set, List[str]]:
@@ -294,12 +311,7 @@ def check_coco_json(
         errors.append(f"{path}: no annotations: nothing to train on")
 
     if mode != "off":
-        decode = mode == "decode"
-        with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-            file_errors = pool.map(
-                lambda img: _check_image_file(path, img, image_root, decode), images.values()
-            )
-            errors += [e for e in file_errors if e is not None]
+        errors += _check_image_files(path, list(images.values()), image_root, mode, num_threads)
 
     if errors:
         more = f"\n... and {len(errors) - max_errors} more" if len(errors) > max_errors else ""
