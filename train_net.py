@@ -110,7 +110,7 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         # Appended last: it runs after EvalHook's final evaluation has saved the detections.
         hooks = super().build_hooks() + [PredictionsPicture()]
-        skipped = self._trainer.data_loader.skipped
+        skipped = getattr(self._trainer.data_loader, "skipped", None)
         return hooks + ([SkippedImagesHook(skipped)] if skipped is not None else [])
 
 

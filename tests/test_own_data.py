@@ -148,8 +148,14 @@ def test_reregistration_and_name_clashes(tmp_path, caplog):
 
     assert register(first) == register(first) == ["rereg_train"]
     assert len(DatasetCatalog.get("rereg_train")) == 4
-    with caplog.at_level(logging.WARNING):
+    # train_net.setup() gives "retinanet_plugin" its own handlers (no propagation to the root,
+    # where caplog listens): listen on it directly.
+    plugin_logger = logging.getLogger("retinanet_plugin")
+    plugin_logger.addHandler(caplog.handler)
+    try:
         register(second)  # the config changed: it wins, with a warning
+    finally:
+        plugin_logger.removeHandler(caplog.handler)
     assert "re-registering 'rereg_train'" in caplog.text
     assert len(DatasetCatalog.get("rereg_train")) == 2
     with pytest.raises(ValueError, match=r"dataset 'coco_2017_train' is already registered"):

@@ -48,9 +48,14 @@ def _nonfinite(loss_dict: Mapping[str, torch.Tensor]) -> List[str]:
     return [k for k, v in loss_dict.items() if not math.isfinite(float(v))]
 
 
-def guard_nonfinite_losses(trainer: Any, recorder: BatchRecorder) -> None:
+def guard_nonfinite_losses(trainer: Any, recorder: Any) -> None:
     """Makes ``trainer`` (detectron2's ``SimpleTrainer`` / ``AMPTrainer``) name the non-finite
-    loss, the iteration and the batch's image ids when its loss check fails."""
+    loss, the iteration and the batch's image ids when its loss check fails.
+
+    Args:
+        trainer: the trainer whose ``_write_metrics`` is wrapped.
+        recorder: its data loader, a :class:`BatchRecorder` (another loader: ids "unknown").
+    """
     write_metrics = trainer._write_metrics
 
     def checked_write_metrics(loss_dict: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any):
@@ -63,9 +68,10 @@ def guard_nonfinite_losses(trainer: Any, recorder: BatchRecorder) -> None:
                 if bad
                 else "none in this process (another process's batch produced it)"
             )
+            image_ids = getattr(recorder, "image_ids", "unknown")
             raise FloatingPointError(
                 f"Non-finite loss at iteration {get_event_storage().iter}: {which}; image ids of "
-                f"this process's batch: {recorder.image_ids}. detectron2 said: {e}"
+                f"this process's batch: {image_ids}. detectron2 said: {e}"
             ) from e
 
     trainer._write_metrics = checked_write_metrics
