@@ -11,22 +11,41 @@ Examples::
     # the CPU demo (see `make demo`), also with two processes on CPU: --num-gpus 2
     python train_net.py --config-file configs/demo_deepforest_mobilenet_v2_fpn.yaml
 
-The DeepForest datasets (``deepforest_tree_train`` / ``deepforest_tree_val``) are registered
-when the config names them, from ``$DETECTRON2_DATASETS/deepforest`` (default
-``./datasets/deepforest``; prepare it with ``python -m retinanet_plugin.data.deepforest``).
+Datasets: the COCO JSON files listed in ``DATASETS.COCO_INSTANCES`` are registered in
+``setup()`` (see ``configs/custom_coco_example.yaml``); the DeepForest datasets
+(``deepforest_tree_train`` / ``deepforest_tree_val``) are registered when the config names them,
+from ``$DETECTRON2_DATASETS/deepforest`` (default ``./datasets/deepforest``; prepare it with
+``python -m retinanet_plugin.data.deepforest``). Every dataset the run uses is then checked
+(``DATASETS.CHECK``) before a model is built.
 """
 
 import logging
 import os
 
 from detectron2.config import get_cfg
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, HookBase, default_argument_parser, default_setup
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from retinanet_plugin import RetinaNetCheckpointer, add_retinanet_plugin_config
-from retinanet_plugin.data.deepforest import DATASET_NAMES, register_deepforest
-from retinanet_plugin.engine import launch, wrap_ddp_on_cpu
+from retinanet_plugin.data import (
+    RobustDatasetMapper,
+    build_robust_train_loader,
+    check_datasets,
+    register_datasets_from_cfg,
+    register_deepforest,
+)
+from retinanet_plugin.data.deepforest import DATASET_NAMES
+from retinanet_plugin.data.registration import resolve_dataset_paths
+from retinanet_plugin.engine import (
+    BatchRecorder,
+    SkippedImagesHook,
+    guard_nonfinite_losses,
+    launch,
+    wrap_ddp_on_cpu,
+)
 from retinanet_plugin.utils import has_compiled_ops
 from retinanet_plugin.visualize import save_prediction_grid
 
@@ -94,6 +113,21 @@ class Trainer(DefaultTrainer):
         # Lets DefaultTrainer wrap a CPU model in DistributedDataParallel (--num-gpus > 1 on CPU).
         with wrap_ddp_on_cpu():
             super().__init__(cfg)
+        # A non-finite loss names itself, the iteration and the batch's image ids.
+        guard_nonfinite_losses(self._trainer, self._trainer.data_loader)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        # 16-bit grayscale keeps its contrast; DATALOADER.SKIP_UNREADABLE_IMAGES skips images
+        # that fail to decode. BatchRecorder keeps the last batch's image ids for the loss guard.
+        loader, mapper = build_robust_train_loader(cfg)
+        return BatchRecorder(loader, skipped=mapper.skipped if mapper.skip_unreadable else None)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=RobustDatasetMapper(cfg, is_train=False)
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -107,7 +141,9 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         # Appended last: it runs after EvalHook's final evaluation has saved the detections.
-        return super().build_hooks() + [PredictionsPicture()]
+        hooks = super().build_hooks() + [PredictionsPicture()]
+        skipped = getattr(self._trainer.data_loader, "skipped", None)
+        return hooks + ([SkippedImagesHook(skipped)] if skipped is not None else [])
 
 
 def _merged_cfg(args):
@@ -115,6 +151,7 @@ def _merged_cfg(args):
     add_retinanet_plugin_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    resolve_dataset_paths(cfg, args.config_file, args.opts)
     return cfg
 
 
@@ -125,12 +162,17 @@ def configured_device(args):
 
 
 def setup(args):
-    """Creates the config from --config-file and the trailing KEY VALUE opts."""
+    """Creates the config from --config-file and the trailing KEY VALUE opts, registers the
+    datasets it names and checks them (DATASETS.CHECK) before anything is built."""
     cfg = _merged_cfg(args)
     cfg.freeze()
     default_setup(cfg, args)
+    # The plugin's own messages (dataset checks, skipped images) in the console and log.txt.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retinanet_plugin")
+    register_datasets_from_cfg(cfg)
     if set(DATASET_NAMES.values()) & set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST):
         register_deepforest()
+    check_datasets(cfg, train=not args.eval_only)
     return cfg
 
 

@@ -57,6 +57,22 @@ def add_retinanet_plugin_config(cfg: CN) -> CN:
     _set_default(ohem, "POSITIVE_FRACTION", -1.0)
 
     add_mobilenet_config(cfg)
+
+    # ---- Own data (retinanet_plugin.data.registration, train_net.py setup()) ----------------
+    # COCO instances datasets to register, as [[name, json_file, image_root], ...]; DATASETS.TRAIN
+    # and DATASETS.TEST can then name them. Relative paths resolve against the folder of the
+    # YAML file that sets this key (the --config-file or the _BASE_ it inherits the key from);
+    # given on the command line, against the working directory.
+    _set_default(cfg.DATASETS, "COCO_INSTANCES", [])
+    # How every COCO dataset the run uses is checked before training (and before --eval-only):
+    # "header" (image files exist, are not truncated, and their header size, after EXIF
+    # rotation, equals the JSON's; no decoding), "decode" (also decode every image) or "off".
+    # JSON-level checks (boxes, ids, categories vs NUM_CLASSES) run unless "off".
+    _set_default(cfg.DATASETS, "CHECK", "header")
+    # True: an image that fails to decode during training is logged by name, counted in the
+    # metrics (data/skipped_images) and replaced by another; False (detectron2's behaviour):
+    # the run stops with the file name.
+    _set_default(cfg.DATALOADER, "SKIP_UNREADABLE_IMAGES", False)
     return cfg
 
 

@@ -22,13 +22,13 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from retinanet_plugin.data import deepforest
+from retinanet_plugin.data.coco_check import validate_coco_json
 from retinanet_plugin.data.deepforest import (
-    convert_voc_to_coco,
     fetch_deepforest,
     prepare_deepforest,
     register_deepforest,
-    validate_coco_json,
 )
+from retinanet_plugin.data.tiling import convert_voc_to_coco
 from retinanet_plugin.data.wheel_fetch import fetch_from_wheel, sha256_of
 
 YELL_TRAIN = "2019_YELL_2_528000_4978000_image_crop2"
@@ -482,7 +482,7 @@ def test_bad_coco_annotation(tmp_path, annotation, message):
 def test_coco_missing_image_file(tmp_path):
     path = _coco(tmp_path, [], images=[{"id": 4, "file_name": "gone.png", "width": 5, "height": 5}])
     with pytest.raises(
-        ValueError, match=r"ann\.json: image id 4: image file .*gone\.png not found"
+        ValueError, match=r"ann\.json: image id 4 \(gone\.png\): image file .*gone\.png not found"
     ):
         validate_coco_json(path)
 

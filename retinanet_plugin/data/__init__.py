@@ -1,25 +1,38 @@
-"""Datasets: the DeepForest tree-crown demo data and a COCO JSON checker.
+"""Datasets: COCO JSON checking and registration from the config, the DeepForest demo data
+(fetching, Pascal VOC parsing, tiling), and a data-loader mapper for unusual images.
 
-Nothing is registered at import: :func:`register_deepforest` takes the dataset root, so a caller
-(``train_net.py``, a test) decides where the data lives.
+Nothing is registered at import: :func:`register_deepforest` takes the dataset root and
+:func:`register_datasets_from_cfg` the config, so a caller (``train_net.py``, a test) decides
+where the data lives.
 """
 
+from .coco_check import CHECK_MODES, CocoCheckError, check_coco_json, image_size, validate_coco_json
 from .deepforest import (
     convert_deepforest,
-    convert_voc_to_coco,
     fetch_deepforest,
-    parse_voc_xml,
     prepare_deepforest,
     register_deepforest,
-    validate_coco_json,
 )
+from .mapper import RobustDatasetMapper, build_robust_train_loader, read_image
+from .registration import check_datasets, register_datasets_from_cfg
+from .tiling import convert_voc_to_coco
+from .voc import parse_voc_xml
 
 __all__ = [
+    "CHECK_MODES",
+    "CocoCheckError",
+    "RobustDatasetMapper",
+    "build_robust_train_loader",
+    "check_coco_json",
+    "check_datasets",
     "convert_deepforest",
     "convert_voc_to_coco",
     "fetch_deepforest",
+    "image_size",
     "parse_voc_xml",
     "prepare_deepforest",
+    "read_image",
+    "register_datasets_from_cfg",
     "register_deepforest",
     "validate_coco_json",
 ]
