@@ -8,6 +8,7 @@ from .exporter import (
     eager_detections,
     export_model,
     load_exported,
+    match_detections,
 )
 from .graph import ExportableRetinaNet
 
@@ -20,4 +21,5 @@ __all__ = [
     "eager_detections",
     "export_model",
     "load_exported",
+    "match_detections",
 ]

@@ -23,9 +23,9 @@ import torch
 from detectron2.data.detection_utils import read_image
 
 from ..export import EXPORT_FORMATS, ExportError, check_parity, export_model, load_exported
-from .model_setup import load_cfg, load_model, setup_logging, test_transform
+from .model_setup import load_cfg, load_model, setup_logging, to_model_input
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("retinanet_plugin.tools.export")  # not __name__: "__main__" under -m
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -53,7 +53,7 @@ def check_images(cfg, paths: Sequence[str]) -> List[torch.Tensor]:
     """Images the export is traced and checked with: ``paths`` read and resized as detectron2's
     test mapper does, or, without paths, random images of three sizes around the test size."""
     if paths:
-        return [test_transform(cfg, read_image(p, format=cfg.INPUT.FORMAT)) for p in paths]
+        return [to_model_input(cfg, read_image(p, format=cfg.INPUT.FORMAT)) for p in paths]
     side = cfg.INPUT.MIN_SIZE_TEST or 800
     generator = torch.Generator().manual_seed(0)
     # Odd sizes on purpose: the graph must pad them to the backbone's size divisibility.
@@ -63,7 +63,6 @@ def check_images(cfg, paths: Sequence[str]) -> List[torch.Tensor]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    setup_logging()
     try:
         cfg = load_cfg(args.config_file, args.opts, weights=args.weights)
         model = load_model(cfg)
@@ -89,4 +88,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging()  # here, not in main(): callers of main() keep their logging set-up
     sys.exit(main())

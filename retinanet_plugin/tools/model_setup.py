@@ -19,7 +19,7 @@ from ..config import add_retinanet_plugin_config
 from ..data.deepforest import DATASET_NAMES, register_deepforest
 from ..meta_arch import FocalRetinaNet
 
-__all__ = ["dataset_categories", "load_cfg", "load_model", "setup_logging", "test_transform"]
+__all__ = ["dataset_categories", "load_cfg", "load_model", "setup_logging", "to_model_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def setup_logging() -> None:
         setup_logger(name=name, abbrev_name={"detectron2": "d2"}.get(name, name))
 
 
-def test_transform(cfg: CfgNode, image: np.ndarray) -> torch.Tensor:
+def to_model_input(cfg: CfgNode, image: np.ndarray) -> torch.Tensor:
     """(H, W, C) image, already in ``INPUT.FORMAT``, to the model's (C, H', W') input tensor:
     the test-time augmentations of detectron2's ``DatasetMapper(cfg, is_train=False)``
     (``ResizeShortestEdge`` to ``MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``), applied as it applies

@@ -40,14 +40,14 @@ from detectron2.data.detection_utils import convert_PIL_to_numpy, convert_image_
 from detectron2.structures import BoxMode
 
 from ..visualize import draw_detections
-from .model_setup import dataset_categories, load_cfg, load_model, setup_logging, test_transform
+from .model_setup import dataset_categories, load_cfg, load_model, setup_logging, to_model_input
 
 try:  # an optional nicety: without tqdm, progress is logged
     from tqdm import tqdm
 except ImportError:
     tqdm = None
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("retinanet_plugin.tools.predict")  # not __name__: "__main__" under -m
 
 IMAGE_EXTENSIONS = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
 VIDEO_EXTENSIONS = {".avi", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".webm"}
@@ -140,7 +140,7 @@ class Predictor:
 
     def add(self, frame: Frame) -> List[Tuple[Frame, Dict[str, np.ndarray]]]:
         """Queue ``frame``; returns the detections of the batch this completes, if any."""
-        tensor = test_transform(self.cfg, frame.image)
+        tensor = to_model_input(self.cfg, frame.image)
         done = []
         if self._pending and self._padded_size(self._pending[0][1]) != self._padded_size(tensor):
             done = self.flush()
@@ -407,7 +407,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    setup_logging()
     try:
         cfg = load_cfg(
             args.config_file, args.opts, weights=args.weights, device=args.device,
@@ -433,4 +432,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging()  # here, not in main(): callers of main() keep their logging set-up
     sys.exit(main())

@@ -1,0 +1,170 @@
+"""The predict tool: detectron2's test-time results, drawings, video, unreadable inputs."""
+
+import json
+import logging
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from detectron2.data import DatasetCatalog, build_detection_test_loader
+from detectron2.data.datasets import register_coco_instances
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+
+from retinanet_plugin.tools import predict as predict_tool
+from retinanet_plugin.tools.model_setup import to_model_input
+from retinanet_plugin.visualize import draw_detections
+from detector_fixture import save_detector, small_detector
+
+DATASET = "predict_test_images"
+# Category ids as a COCO file may have them: not 0..K-1.
+CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 11, "name": "bird"}]
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return small_detector(num_classes=len(CATEGORIES))
+
+
+def _write_images(folder, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        # Smooth noise: JPEG-like content on which the random detector fires unevenly.
+        image = cv2.resize(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8), (w, h))
+        path = os.path.join(folder, f"img{i}.png")
+        cv2.imwrite(path, image)
+        paths.append(path)
+    return paths
+
+
+def test_predict_equals_coco_evaluator(detector, tmp_path):
+    cfg, model = detector
+    folder = tmp_path / "images"
+    folder.mkdir()
+    # Two images of one size (batched together), one of another (its own batch); MIN_SIZE_TEST
+    # 160 resizes all three, so the boxes must be mapped back to the original size.
+    paths = _write_images(str(folder), [(120, 180), (120, 180), (200, 150)])
+    coco = {
+        "images": [
+            {"id": 10 + i, "file_name": os.path.basename(p), "height": h, "width": w}
+            for i, (p, (h, w)) in enumerate(zip(paths, [(120, 180), (120, 180), (200, 150)]))
+        ],
+        "annotations": [
+            {"id": i + 1, "image_id": 10 + i, "category_id": 7, "bbox": [10, 10, 40, 30],
+             "area": 1200, "iscrowd": 0}
+            for i in range(3)
+        ],
+        "categories": CATEGORIES,
+    }
+    json_file = tmp_path / "coco.json"
+    json_file.write_text(json.dumps(coco))
+    if DATASET in DatasetCatalog.list():
+        DatasetCatalog.remove(DATASET)
+    register_coco_instances(DATASET, {}, str(json_file), str(folder))
+    cfg = cfg.clone()
+    cfg.DATASETS.TEST = (DATASET,)
+    cfg.DATALOADER.NUM_WORKERS = 0
+
+    evaluator = COCOEvaluator(DATASET, output_dir=str(tmp_path / "eval"), use_fast_impl=False)
+    inference_on_dataset(model, build_detection_test_loader(cfg, DATASET), evaluator)
+    with open(tmp_path / "eval" / "coco_instances_results.json") as f:
+        expected = json.load(f)
+
+    out = tmp_path / "out"
+    failed, summary = predict_tool.predict(cfg, model, [str(folder)], str(out), batch_size=2)
+    assert failed == []
+    with open(summary["results_file"]) as f:
+        got = json.load(f)
+    with open(summary["images_file"]) as f:
+        images = json.load(f)
+    assert images["categories"] == CATEGORIES
+    dataset_id = {os.path.basename(im["file_name"]): im["id"] for im in coco["images"]}
+    our_id = {im["id"]: dataset_id[os.path.basename(im["file_name"])] for im in images["images"]}
+    assert len(our_id) == 3
+
+    def by_image(results, id_map):
+        grouped = {}
+        for r in results:
+            grouped.setdefault(id_map(r["image_id"]), []).append(r)
+        return {k: sorted(v, key=lambda r: -r["score"]) for k, v in grouped.items()}
+
+    exp, ours = by_image(expected, lambda i: i), by_image(got, our_id.get)
+    assert sorted(exp) == sorted(ours) == [10, 11, 12]
+    for image_id in exp:
+        e, o = exp[image_id], ours[image_id]
+        assert len(o) == len(e) > 0
+        assert [r["category_id"] for r in o] == [r["category_id"] for r in e]
+        # Batched (images 10, 11) and single-image convolutions may round differently.
+        np.testing.assert_allclose([r["bbox"] for r in o], [r["bbox"] for r in e], atol=1e-3)
+        np.testing.assert_allclose([r["score"] for r in o], [r["score"] for r in e], atol=1e-5)
+    # One drawing per image, at the original size.
+    for path, (h, w) in zip(paths, [(120, 180), (120, 180), (200, 150)]):
+        drawn = cv2.imread(str(out / os.path.basename(path)))
+        assert drawn.shape == (h, w, 3)
+
+
+def test_cli_video_and_unreadable_inputs(detector, tmp_path, caplog):
+    cfg, model = detector
+    config_file, weights = save_detector(cfg, model, str(tmp_path))
+    image_path = _write_images(str(tmp_path), [(96, 128)])[0]
+    frames = [cv2.imread(image_path)[:, ::-1] if i % 2 else cv2.imread(image_path) for i in range(3)]
+    video = str(tmp_path / "clip.mp4")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (128, 96))
+    for frame in frames:
+        writer.write(np.ascontiguousarray(frame))
+    writer.release()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        rc = predict_tool.main(
+            ["--config-file", config_file, "--weights", weights, "--output", str(out),
+             "--input", image_path, str(broken), video, str(tmp_path / "missing_*.png"),
+             "--draw-thresh", "0.05"]
+        )
+    assert rc == 1
+    assert "broken.jpg" in caplog.text and "missing_*.png" in caplog.text
+    with open(out / "images.json") as f:
+        images = json.load(f)["images"]
+    assert [im.get("frame") for im in images] == [None, 0, 1, 2]
+    assert os.path.isfile(out / os.path.basename(image_path))
+
+    # The annotated video has every frame, and frame k's detections are the model's on the
+    # decoded frame k (read back with the same OpenCV).
+    capture = cv2.VideoCapture(str(out / "clip.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    capture.release()
+    with open(out / "coco_instances_results.json") as f:
+        results = json.load(f)
+    capture = cv2.VideoCapture(video)
+    for im in images[1:]:
+        ok, frame = capture.read()
+        assert ok
+        assert cfg.INPUT.FORMAT == "BGR"  # OpenCV's order: the decoded frame is the input
+        with torch.no_grad():
+            inst = model([{"image": to_model_input(cfg, frame), "height": 96, "width": 128}])[0]
+        mine = [r for r in results if r["image_id"] == im["id"]]
+        assert len(mine) == len(inst["instances"]) > 0
+    capture.release()
+
+
+def test_draw_detections_scales_lines_and_labels():
+    box = np.array([[100.0, 200.0, 300.0, 350.0]])
+    args = (box, np.array([0.9]), np.array([1]), ["cat", "dog"])
+    # 400x400: scale sqrt(400*400)/1000 = 0.4 -> line round(0.4*2.5) = 1 px
+    small = draw_detections(np.zeros((400, 400, 3), np.uint8), *args)
+    # 1280x1280: scale 1.28 -> line round(3.2) = 3 px, centred on y = 350: rows 349-351
+    large = draw_detections(np.zeros((1280, 1280, 3), np.uint8), *args)
+    dog = (255, 128, 0)  # class 1's BGR colour
+    assert tuple(small[350, 200]) == dog and tuple(small[351, 200]) == (0, 0, 0)
+    assert tuple(large[351, 200]) == dog and tuple(large[353, 200]) == (0, 0, 0)
+    # The label sits on a filled box above the top edge, taller for the larger image.
+    label_rows_small = np.nonzero((small[:200, 101] != 0).any(axis=1))[0]
+    label_rows_large = np.nonzero((large[:199, 101] != 0).any(axis=1))[0]
+    assert 0 < len(label_rows_small) < len(label_rows_large)
+    # Below the draw threshold nothing is drawn.
+    blank = draw_detections(np.zeros((400, 400, 3), np.uint8), *args, score_thresh=0.95)
+    assert not blank.any()
