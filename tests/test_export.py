@@ -51,6 +51,17 @@ def _assert_same_detections(model, run, images):
         torch.testing.assert_close(scores, ref.scores[pair], rtol=0, atol=1e-5)
 
 
+def _op_types(graph):
+    """Operator types of an ONNX graph and of the subgraphs of its If / Loop nodes."""
+    ops = set()
+    for node in graph.node:
+        ops.add(node.op_type)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                ops |= _op_types(attr.g)
+    return ops
+
+
 def test_torchscript_matches_eager_on_several_sizes(detector, tmp_path):
     _, model = detector
     images = _images()
@@ -76,53 +87,80 @@ def test_onnx_cli_exports_a_graph_onnxruntime_runs_like_eager(detector, tmp_path
         )
     assert rc == 0, caplog.text
     assert "max box difference" in caplog.text
-    ops = {node.op_type for node in onnx.load(output).graph.node}
-    # Top-k, per-class NMS and padding to the size divisibility are in the graph.
+    ops = _op_types(onnx.load(output).graph)
+    # Top-k, per-class NMS and padding to the size divisibility are in the graph (NMS inside the
+    # If that skips it when there is no candidate).
     assert {"TopK", "NonMaxSuppression", "Pad"} <= ops, ops
     _assert_same_detections(model, load_exported(output, "onnx"), _images())
 
 
-def test_no_candidate_gives_no_detections(detector, tmp_path):
-    _, model = detector
-    image = _images()[0]
-    model.test_score_thresh = 0.999999  # nothing passes
-    try:
-        path = str(tmp_path / "empty.ts")
-        export_model(model, image, path, "torchscript")
-        boxes, scores, classes = load_exported(path, "torchscript")(image)
-    finally:
-        model.test_score_thresh = 0.05
-    assert boxes.shape == (0, 4) and scores.shape == (0,) and classes.shape == (0,)
-
-
-class FrozenShapeBackbone(Backbone):
-    """Reads the input size as Python ints: tracing freezes it at the sample's size."""
+class TinyBackbone(Backbone):
+    """One strided conv and poolings, P3-P7: exports in a second."""
 
     def __init__(self, cfg, input_shape):
         super().__init__()
         self.conv = nn.Conv2d(3, 16, 3, stride=8, padding=1)
 
-    def forward(self, x):
-        height, width = int(x.shape[-2]), int(x.shape[-1])
-        p3 = self.conv(x)[..., : height // 8, : width // 8]
+    def pyramid(self, p3):
         features = {"p3": F.relu(p3)}
         for level in range(4, 8):
             features[f"p{level}"] = F.max_pool2d(features[f"p{level - 1}"], 1, stride=2)
         return features
 
+    def forward(self, x):
+        return self.pyramid(self.conv(x))
+
     def output_shape(self):
         return {f"p{i}": ShapeSpec(channels=16, stride=2**i) for i in range(3, 8)}
 
 
+class FrozenShapeBackbone(TinyBackbone):
+    """Reads the input size as Python ints: tracing freezes it at the sample's size."""
+
+    def forward(self, x):
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        return self.pyramid(self.conv(x)[..., : height // 8, : width // 8])
+
+
+BACKBONE_REGISTRY.register(TinyBackbone)
 BACKBONE_REGISTRY.register(FrozenShapeBackbone)
 
 
-def test_untraceable_backbone_is_named(detector, tmp_path):
-    cfg, _ = detector
+def _tiny_detector(cfg, backbone_name):
     cfg = cfg.clone()
-    cfg.MODEL.BACKBONE.NAME = "FrozenShapeBackbone"
+    cfg.MODEL.BACKBONE.NAME = backbone_name
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
-    model = build_model(cfg).eval()
+    return build_model(cfg).eval()
+
+
+def _max_logit(model, image):
+    with torch.no_grad():
+        features = model.backbone(model.preprocess_image([{"image": image.float()}]).tensor)
+        logits, _ = model.head([features[f] for f in model.head_in_features])
+    return max(x.max().item() for x in logits)
+
+
+@pytest.mark.parametrize("export_format", ["torchscript", "onnx"])
+def test_image_without_candidates_gives_no_detections(detector, tmp_path, export_format):
+    """Traced on an image with candidates, the graph also runs on one without (torchvision's
+    coordinate-offset NMS takes a max over the boxes, guarded by a scripted emptiness test)."""
+    model = _tiny_detector(detector[0], "TinyBackbone")
+    noise = _images()[0]
+    flat = torch.full_like(noise, 128)
+    high, low = sorted([noise, flat], key=lambda im: -_max_logit(model, im))
+    # A threshold between the two images' best scores: candidates in one, none in the other.
+    middle = (_max_logit(model, high) + _max_logit(model, low)) / 2
+    model.test_score_thresh = torch.sigmoid(torch.tensor(middle)).item()
+    path = str(tmp_path / "model")
+    export_model(model, high, path, export_format)
+    run = load_exported(path, export_format)
+    boxes, scores, classes = run(low)
+    assert boxes.shape == (0, 4) and scores.shape == (0,) and classes.shape == (0,)
+    _assert_same_detections(model, run, [high])
+
+
+def test_untraceable_backbone_is_named(detector, tmp_path):
+    model = _tiny_detector(detector[0], "FrozenShapeBackbone")
     with torch.no_grad():
         model.head.cls_score.bias.fill_(0.0)  # every score about 0.5: detections everywhere
     model.max_detections_per_image = 1000

@@ -12,7 +12,7 @@ from typing import List, Tuple
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import nms
+from torchvision.ops import batched_nms
 
 from detectron2.layers.wrappers import shapes_to_tensor
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
@@ -82,7 +82,7 @@ class ExportableRetinaNet(nn.Module):
             classes.append(c)
         boxes, scores, classes = torch.cat(boxes), torch.cat(scores), torch.cat(classes)
 
-        keep = _batched_nms(boxes, scores, classes, model.test_nms_thresh)
+        keep = batched_nms(boxes, scores, classes, model.test_nms_thresh)
         keep = keep[: model.max_detections_per_image]
         boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
         return self._clip_and_drop_empty(boxes, scores, classes, image)
@@ -126,24 +126,3 @@ class ExportableRetinaNet(nn.Module):
         nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         return boxes[nonempty], scores[nonempty], classes[nonempty]
 
-
-def _batched_nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: float) -> Tensor:
-    """Per-class NMS as one ``nms`` call (one ONNX ``NonMaxSuppression``), also with no boxes.
-
-    torchvision's ``batched_nms`` takes this route under tracing too, shifting each class's boxes
-    by a class-dependent offset so that boxes of different classes never overlap, but its
-    ``boxes.max()`` fails on an empty graph input. Here the offset comes from the boxes' extent
-    padded with one zero, so an image without candidates gives no detections.
-
-    Args:
-        boxes (Tensor): (M, 4) XYXY.
-        scores (Tensor): (M,).
-        classes (Tensor): (M,) int64.
-        iou_threshold (float): boxes of one class overlapping more than this are suppressed.
-
-    Returns:
-        Tensor: indices of the kept boxes, by decreasing score.
-    """
-    extent = torch.cat([boxes.flatten(), boxes.new_zeros(1)])
-    offsets = classes.to(boxes) * (extent.max() - extent.min() + 1)
-    return nms(boxes + offsets[:, None], scores, iou_threshold)
