@@ -154,9 +154,9 @@ def test_cli_video_and_unreadable_inputs(detector, tmp_path, caplog):
 def test_draw_detections_scales_lines_and_labels():
     box = np.array([[100.0, 200.0, 300.0, 350.0]])
     args = (box, np.array([0.9]), np.array([1]), ["cat", "dog"])
-    # 400x400: scale sqrt(400*400)/1000 = 0.4 -> line round(0.4*2.5) = 1 px
+    # 400x400: side sqrt(400*400) = 400 -> line max(1, round(400/500)) = 1 px
     small = draw_detections(np.zeros((400, 400, 3), np.uint8), *args)
-    # 1280x1280: scale 1.28 -> line round(3.2) = 3 px, centred on y = 350: rows 349-351
+    # 1280x1280: line round(1280/500) = round(2.56) = 3 px, centred on y = 350: rows 349-351
     large = draw_detections(np.zeros((1280, 1280, 3), np.uint8), *args)
     dog = (255, 128, 0)  # class 1's BGR colour
     assert tuple(small[350, 200]) == dog and tuple(small[351, 200]) == (0, 0, 0)
