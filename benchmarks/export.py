@@ -34,6 +34,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weights", required=True)
     parser.add_argument("--images", nargs="+", required=True)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed runs per runtime first (TorchScript "
+        "profiles and optimises its graph during its first runs)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[])
     return parser.parse_args()
@@ -65,7 +69,8 @@ def main() -> None:
                 )
 
                 def run(image, session=session):
-                    return [torch.from_numpy(o) for o in session.run(None, {"image": image.numpy()})]
+                    outputs = session.run(None, {"image": image.numpy()})
+                    return [torch.from_numpy(o) for o in outputs]
 
             report = check_parity(model, run, images)
             print(
@@ -81,6 +86,9 @@ def main() -> None:
                 return model([{"image": image}])
 
         runners["eager"] = run_eager
+        for run in runners.values():
+            for image in images[: args.warmup]:
+                run(image)
         times = {name: [] for name in runners}
         for _ in range(args.repeats):
             for name, run in runners.items():

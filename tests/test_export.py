@@ -34,7 +34,10 @@ def detector():
 
 def _images():
     generator = torch.Generator().manual_seed(1)
-    return [torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8) for h, w in SIZES]
+    return [
+        torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8)
+        for h, w in SIZES
+    ]
 
 
 def _assert_same_detections(model, run, images):

@@ -14,7 +14,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
 from retinanet_plugin.tools import predict as predict_tool
-from retinanet_plugin.tools.model_setup import to_model_input
+from retinanet_plugin.tools.model_setup import load_cfg, to_model_input
 from retinanet_plugin.visualize import draw_detections
 from detector_fixture import save_detector, small_detector
 
@@ -110,7 +110,8 @@ def test_cli_video_and_unreadable_inputs(detector, tmp_path, caplog):
     cfg, model = detector
     config_file, weights = save_detector(cfg, model, str(tmp_path))
     image_path = _write_images(str(tmp_path), [(96, 128)])[0]
-    frames = [cv2.imread(image_path)[:, ::-1] if i % 2 else cv2.imread(image_path) for i in range(3)]
+    image = cv2.imread(image_path)
+    frames = [image[:, ::-1] if i % 2 else image for i in range(3)]  # flipped: other detections
     video = str(tmp_path / "clip.mp4")
     writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (128, 96))
     for frame in frames:
@@ -123,7 +124,7 @@ def test_cli_video_and_unreadable_inputs(detector, tmp_path, caplog):
         rc = predict_tool.main(
             ["--config-file", config_file, "--weights", weights, "--output", str(out),
              "--input", image_path, str(broken), video, str(tmp_path / "missing_*.png"),
-             "--draw-thresh", "0.05"]
+             "--draw-thresh", "0.05", "--score-thresh", "0.055"]
         )
     assert rc == 1
     assert "broken.jpg" in caplog.text and "missing_*.png" in caplog.text
@@ -139,16 +140,35 @@ def test_cli_video_and_unreadable_inputs(detector, tmp_path, caplog):
     capture.release()
     with open(out / "coco_instances_results.json") as f:
         results = json.load(f)
+    # --score-thresh 0.055 keeps about half of the 0.05 detections (median score 0.055)
+    assert min(r["score"] for r in results) > 0.055
     capture = cv2.VideoCapture(video)
-    for im in images[1:]:
-        ok, frame = capture.read()
-        assert ok
-        assert cfg.INPUT.FORMAT == "BGR"  # OpenCV's order: the decoded frame is the input
-        with torch.no_grad():
-            inst = model([{"image": to_model_input(cfg, frame), "height": 96, "width": 128}])[0]
-        mine = [r for r in results if r["image_id"] == im["id"]]
-        assert len(mine) == len(inst["instances"]) > 0
-    capture.release()
+    model.test_score_thresh = 0.055
+    try:
+        for im in images[1:]:
+            ok, frame = capture.read()
+            assert ok
+            assert cfg.INPUT.FORMAT == "BGR"  # OpenCV's order: the decoded frame is the input
+            with torch.no_grad():
+                inputs = [{"image": to_model_input(cfg, frame), "height": 96, "width": 128}]
+                instances = model(inputs)[0]["instances"]
+            mine = [r for r in results if r["image_id"] == im["id"]]
+            assert len(mine) == len(instances) > 0
+            np.testing.assert_allclose(
+                sorted(r["score"] for r in mine), sorted(instances.scores.tolist()), atol=1e-6
+            )
+    finally:
+        model.test_score_thresh = 0.05  # the module-scoped detector is shared
+        capture.release()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(detector, tmp_path):
+    config_file, _ = save_detector(*detector, str(tmp_path))
+    with pytest.raises(ValueError, match="--device cuda: CUDA is not available"):
+        load_cfg(config_file, device="cuda")
+    with pytest.raises(ValueError, match="score threshold"):
+        load_cfg(config_file, score_thresh=1.5)
 
 
 def test_draw_detections_scales_lines_and_labels():

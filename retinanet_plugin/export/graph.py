@@ -8,7 +8,7 @@ Shape shorthand:
     D: detections kept, at most ``max_detections_per_image``
 """
 
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor, nn

@@ -2,7 +2,8 @@
 
 Example::
 
-    python -m retinanet_plugin.tools.export --config-file configs/demo_deepforest_mobilenet_v2_fpn.yaml \\
+    python -m retinanet_plugin.tools.export \\
+        --config-file configs/demo_deepforest_mobilenet_v2_fpn.yaml \\
         --weights output/demo/model_final.pth --format onnx --output output/demo/model.onnx \\
         --check-images datasets/deepforest/images/*.png
 
@@ -58,7 +59,10 @@ def check_images(cfg, paths: Sequence[str]) -> List[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     # Odd sizes on purpose: the graph must pad them to the backbone's size divisibility.
     sizes = [(side, side * 4 // 3 + 1), (side * 3 // 4 + 3, side), (side // 2 + 5, side // 2 + 7)]
-    return [torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8) for h, w in sizes]
+    return [
+        torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8)
+        for h, w in sizes
+    ]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -2,7 +2,8 @@
 
 Example::
 
-    python -m retinanet_plugin.tools.predict --config-file configs/demo_deepforest_mobilenet_v2_fpn.yaml \\
+    python -m retinanet_plugin.tools.predict \\
+        --config-file configs/demo_deepforest_mobilenet_v2_fpn.yaml \\
         --weights output/demo/model_final.pth --input datasets/deepforest/images clip.mp4 \\
         --output output/predict
 
@@ -28,7 +29,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
@@ -92,7 +93,6 @@ class Frame:
     image: np.ndarray  # (H, W, C) in INPUT.FORMAT, original size
     frame_index: Optional[int] = None  # position in a video
     image_id: int = 0
-    info: Dict[str, Any] = field(default_factory=dict)
 
 
 def read_video(path: str, image_format: str) -> Iterator[np.ndarray]:
