@@ -188,3 +188,19 @@ def test_draw_detections_scales_lines_and_labels():
     # Below the draw threshold nothing is drawn.
     blank = draw_detections(np.zeros((400, 400, 3), np.uint8), *args, score_thresh=0.95)
     assert not blank.any()
+
+
+def test_expand_inputs_folders_globs_repeats_and_misses(tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    for name in ("b.png", "a.JPG", "notes.txt", "clip.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    (sub / "c.png").write_bytes(b"")
+    files, missing = predict_tool.expand_inputs(
+        [str(tmp_path), str(tmp_path / "**" / "*.png"), str(tmp_path / "b.png"), "nope/*.jpg"]
+    )
+    names = [os.path.relpath(f, tmp_path) for f in files]
+    # The folder (sorted, not recursive, no .txt), then what ** adds, each file once.
+    assert names == ["a.JPG", "b.png", "clip.mp4", os.path.join("sub", "c.png")]
+    assert missing == ["nope/*.jpg"]
+    assert predict_tool.is_video(files[2]) and not predict_tool.is_video(files[0])

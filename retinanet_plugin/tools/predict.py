@@ -63,7 +63,7 @@ def expand_inputs(patterns: Sequence[str]) -> Tuple[List[str], List[str]]:
     Returns:
         list[str]: the files, in order, without repeats; list[str]: patterns that matched nothing.
     """
-    files, unmatched = [], []
+    files, unmatched, seen = [], [], set()
     for pattern in patterns:
         if os.path.isdir(pattern):
             matches = sorted(
@@ -77,7 +77,11 @@ def expand_inputs(patterns: Sequence[str]) -> Tuple[List[str], List[str]]:
             matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
         if not matches:
             unmatched.append(pattern)
-        files.extend(m for m in matches if m not in files)
+        for match in matches:
+            key = os.path.abspath(match)
+            if key not in seen:
+                seen.add(key)
+                files.append(match)
     return files, unmatched
 
 
