@@ -129,8 +129,11 @@ def test_cli_video_and_unreadable_inputs(detector, tmp_path, caplog):
     assert rc == 1
     assert "broken.jpg" in caplog.text and "missing_*.png" in caplog.text
     with open(out / "images.json") as f:
-        images = json.load(f)["images"]
+        written = json.load(f)
+    images = written["images"]
     assert [im.get("frame") for im in images] == [None, 0, 1, 2]
+    # The model-zoo config's datasets are COCO's 80 classes, not this model's 3: generic names.
+    assert written["categories"] == [{"id": i, "name": f"class {i}"} for i in range(3)]
     assert os.path.isfile(out / os.path.basename(image_path))
 
     # The annotated video has every frame, and frame k's detections are the model's on the
