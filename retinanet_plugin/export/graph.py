@@ -32,7 +32,8 @@ class ExportableRetinaNet(nn.Module):
     backbone, head, anchors of the actual feature-map sizes, per level the top
     ``test_topk_candidates`` scores above ``test_score_thresh``, box decoding, per-class NMS
     (torchvision's ``batched_nms``, which under tracing offsets each class's boxes so that one
-    ``NonMaxSuppression`` serves all classes), the ``max_detections_per_image`` limit, clipping to
+    ``NonMaxSuppression`` serves all classes, inside a scripted test that skips it when there is
+    no candidate), the ``max_detections_per_image`` limit, clipping to
     the image and dropping empty boxes (what ``detector_postprocess`` does at scale 1).
 
     Resizing to the test resolution (``ResizeShortestEdge``) is the caller's job, as for the eager
@@ -93,8 +94,8 @@ class ExportableRetinaNet(nn.Module):
         """Decoded top-k candidates above the threshold of one level.
 
         Taking the top k of all scores and then thresholding keeps the same candidates as
-        thresholding first and then taking the top k (the eager order), and needs no
-        data-dependent k.
+        thresholding first and then taking the top k (the eager order), and k = min(k, Ri * K)
+        depends only on the image size, not on how many scores pass.
 
         Args:
             anchors (Tensor): (Ri, 4).
