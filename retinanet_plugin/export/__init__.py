@@ -1,0 +1,25 @@
+"""Export of FocalRetinaNet to ONNX and TorchScript, post-processing included."""
+
+from .exporter import (
+    EXPORT_FORMATS,
+    ExportError,
+    ParityReport,
+    check_parity,
+    eager_detections,
+    export_model,
+    load_exported,
+    match_detections,
+)
+from .graph import ExportableRetinaNet
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "ExportError",
+    "ExportableRetinaNet",
+    "ParityReport",
+    "check_parity",
+    "eager_detections",
+    "export_model",
+    "load_exported",
+    "match_detections",
+]

@@ -1,0 +1,229 @@
+"""Writing :class:`ExportableRetinaNet` to ONNX or TorchScript, and checking the file against
+the eager model."""
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ..meta_arch import FocalRetinaNet
+from .graph import ExportableRetinaNet
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "ExportError",
+    "ParityReport",
+    "check_parity",
+    "eager_detections",
+    "export_model",
+    "load_exported",
+    "match_detections",
+]
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+# Opset 17: NonMaxSuppression, TopK with a dynamic k and Range, all present since opset 11, and
+# onnxruntime >= 1.11 runs it.
+ONNX_OPSET = 17
+
+Detections = Tuple[Tensor, Tensor, Tensor]  # boxes (D, 4), scores (D,), classes (D,)
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported, or the exported graph does not reproduce it."""
+
+
+@dataclass
+class ParityReport:
+    """Largest differences between exported and eager detections over the checked images."""
+
+    num_images: int
+    num_detections: int
+    max_box_diff: float
+    max_score_diff: float
+
+
+def _describe(model: FocalRetinaNet) -> str:
+    return (
+        f"backbone {type(model.backbone).__name__}, head {type(model.head).__name__}, anchor "
+        f"generator {type(model.anchor_generator).__name__}"
+    )
+
+
+def export_model(
+    model: FocalRetinaNet, sample_image: Tensor, path: str, export_format: str
+) -> ExportableRetinaNet:
+    """Trace ``model``'s whole inference on ``sample_image`` and write it to ``path``.
+
+    The graph's input is one (3, H, W) image, uint8 or float, in ``INPUT.FORMAT``; its outputs
+    are ``boxes`` (D, 4), ``scores`` (D,) and ``classes`` (D,) (see :class:`ExportableRetinaNet`).
+    H and W are dynamic. Tracing records operators, not Python control flow: a component whose
+    output depends on Python-side values of the input (``int(x.shape[-1])``, ``if x.sum() > 0``)
+    is frozen at the sample's values, which :func:`check_parity` on another image size exposes.
+
+    Args:
+        model (FocalRetinaNet): the detector, weights loaded.
+        sample_image (Tensor): (3, H, W) image the graph is traced with.
+        path (str): output file (``.onnx`` / ``.ts`` or ``.pt`` by convention).
+        export_format (str): "onnx" or "torchscript".
+
+    Returns:
+        ExportableRetinaNet: the traced module (sharing ``model``'s weights).
+
+    Raises:
+        ExportError: tracing or conversion failed; the message names the model's components and
+            the underlying error.
+    """
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
+    if sample_image.dim() != 3 or sample_image.shape[0] != 3:
+        raise ValueError(f"sample image must be (3, H, W), got shape {tuple(sample_image.shape)}")
+    wrapper = ExportableRetinaNet(model)
+    sample_image = sample_image.to(model.device)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # Tracer warnings about Python values are expected (detectron2's shape checks); a
+            # real problem shows up in the parity check.
+            warnings.simplefilter("ignore")
+            if export_format == "torchscript":
+                traced = torch.jit.trace(wrapper, (sample_image,), check_trace=False)
+                traced.save(path)
+            else:
+                torch.onnx.export(
+                    wrapper,
+                    (sample_image,),
+                    path,
+                    dynamo=False,
+                    opset_version=ONNX_OPSET,
+                    input_names=["image"],
+                    output_names=["boxes", "scores", "classes"],
+                    dynamic_axes={
+                        "image": {1: "height", 2: "width"},
+                        "boxes": {0: "detections"},
+                        "scores": {0: "detections"},
+                        "classes": {0: "detections"},
+                    },
+                )
+    except Exception as e:
+        raise ExportError(
+            f"cannot export FocalRetinaNet ({_describe(model)}) to {export_format}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    logger.info("Wrote %s model to %s", export_format, path)
+    return wrapper
+
+
+def load_exported(path: str, export_format: str) -> Callable[[Tensor], Detections]:
+    """A function running an exported file on one (3, H, W) image: onnxruntime for ONNX,
+    ``torch.jit.load`` for TorchScript, both on CPU.
+
+    Returns:
+        callable: image -> (boxes, scores, classes) as CPU tensors.
+    """
+    if export_format == "torchscript":
+        module = torch.jit.load(path, map_location="cpu")
+
+        def run_torchscript(image: Tensor) -> Detections:
+            with torch.no_grad():
+                return tuple(t.cpu() for t in module(image.cpu()))
+
+        return run_torchscript
+    if export_format == "onnx":
+        import onnxruntime  # only needed to run ONNX files
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+        def run_onnx(image: Tensor) -> Detections:
+            outputs = session.run(None, {"image": image.cpu().numpy()})
+            return tuple(torch.from_numpy(o) for o in outputs)
+
+        return run_onnx
+    raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
+
+
+def eager_detections(model: FocalRetinaNet, image: Tensor) -> Detections:
+    """The eager model's detections of one (3, H, W) image, in the image's coordinates."""
+    with torch.no_grad():
+        instances = model([{"image": image.to(model.device)}])[0]["instances"].to("cpu")
+    return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
+
+
+def match_detections(
+    boxes: Tensor, classes: Tensor, ref_boxes: Tensor, ref_classes: Tensor
+) -> Tensor:
+    """For each detection, the index of the reference detection of the same class whose box is
+    nearest (largest coordinate difference), or -1 if it has none.
+
+    Exported and eager scores differ by float rounding (1e-7), which can swap two detections of
+    nearly equal score, so detections are paired by box and class rather than by rank.
+
+    Args:
+        boxes (Tensor): (D, 4); classes (Tensor): (D,).
+        ref_boxes (Tensor): (D', 4); ref_classes (Tensor): (D',).
+
+    Returns:
+        Tensor: (D,) int64 indices into the reference.
+    """
+    if len(boxes) == 0 or len(ref_boxes) == 0:
+        return torch.full((len(boxes),), -1, dtype=torch.int64)
+    dist = (boxes.float()[:, None, :] - ref_boxes.float()[None, :, :]).abs().amax(dim=2)
+    dist[classes.long()[:, None] != ref_classes.long()[None, :]] = float("inf")
+    best, idx = dist.min(dim=1)
+    return idx.masked_fill(~torch.isfinite(best), -1)
+
+
+def check_parity(
+    model: FocalRetinaNet,
+    run_exported: Callable[[Tensor], Detections],
+    images: Sequence[Tensor],
+    *,
+    box_atol: float = 1e-3,
+    score_atol: float = 1e-5,
+) -> ParityReport:
+    """Compare exported and eager detections image by image.
+
+    Each image must give the same number of detections, and each exported detection must pair
+    (:func:`match_detections`, one to one) with an eager one of the same class whose box is
+    within ``box_atol`` pixels and score within ``score_atol``.
+
+    Raises:
+        ExportError: the first image that differs, with its size and the differences.
+    """
+    diffs_box: List[float] = [0.0]
+    diffs_score: List[float] = [0.0]
+    total = 0
+    for image in images:
+        ref_boxes, ref_scores, ref_classes = eager_detections(model, image)
+        boxes, scores, classes = run_exported(image)
+        size = f"{image.shape[-1]}x{image.shape[-2]}"
+        if len(boxes) != len(ref_boxes):
+            raise ExportError(
+                f"exported model gives {len(boxes)} detections on a {size} image, the eager "
+                f"model {len(ref_boxes)} ({_describe(model)}); a component whose output depends "
+                "on Python values of the input (int(x.shape[-1]), data-dependent if) is traced "
+                "as a constant"
+            )
+        total += len(boxes)
+        if len(boxes) == 0:
+            continue
+        pair = match_detections(boxes, classes, ref_boxes, ref_classes)
+        if (pair < 0).any() or len(set(pair.tolist())) != len(pair):
+            raise ExportError(
+                f"exported and eager detections on a {size} image do not pair up by class and "
+                f"box ({_describe(model)})"
+            )
+        box_diff = (boxes.float() - ref_boxes[pair]).abs().max().item()
+        score_diff = (scores.float() - ref_scores[pair]).abs().max().item()
+        if not box_diff <= box_atol or not score_diff <= score_atol:
+            raise ExportError(
+                f"exported model differs from the eager one on a {size} image: boxes by "
+                f"{box_diff:.3g} px (tolerance {box_atol}), scores by {score_diff:.3g} "
+                f"(tolerance {score_atol})"
+            )
+        diffs_box.append(box_diff)
+        diffs_score.append(score_diff)
+    return ParityReport(len(images), total, max(diffs_box), max(diffs_score))

@@ -1,0 +1,129 @@
+"""RetinaNet inference as one traceable graph: image tensor in, boxes / scores / classes out.
+
+Shape shorthand:
+    C: channels of the input image (3, in ``INPUT.FORMAT`` order)
+    H, W: height and width of the input image (dynamic in the exported graph)
+    K: foreground classes
+    Ri: anchors of level i, Hi * Wi * A
+    D: detections kept, at most ``max_detections_per_image``
+"""
+
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from detectron2.layers.wrappers import shapes_to_tensor
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+
+from ..meta_arch import FocalRetinaNet, _logit
+
+__all__ = ["ExportableRetinaNet"]
+
+
+class ExportableRetinaNet(nn.Module):
+    """A :class:`FocalRetinaNet` in inference mode as a function of one image tensor.
+
+    Everything that the eager model does between an input image and its detections runs inside
+    ``forward``, written only with operators that ``torch.jit.trace`` and the ONNX exporter
+    record with the image size as a variable: normalisation by ``PIXEL_MEAN`` / ``PIXEL_STD``,
+    zero padding to the backbone's ``size_divisibility`` (the model's own ``preprocess_image``),
+    backbone, head, anchors of the actual feature-map sizes, per level the top
+    ``test_topk_candidates`` scores above ``test_score_thresh``, box decoding, per-class NMS
+    (torchvision's ``batched_nms``, which under tracing offsets each class's boxes so that one
+    ``NonMaxSuppression`` serves all classes, inside a scripted test that skips it when there is
+    no candidate), the ``max_detections_per_image`` limit, clipping to
+    the image and dropping empty boxes (what ``detector_postprocess`` does at scale 1).
+
+    Resizing to the test resolution (``ResizeShortestEdge``) is the caller's job, as for the eager
+    model: the graph's boxes are in the coordinates of the image it is given.
+
+    The wrapped model's weights are shared, not copied.
+    """
+
+    def __init__(self, model: FocalRetinaNet):
+        """
+        Args:
+            model (FocalRetinaNet): the detector; it is put in eval mode.
+        """
+        super().__init__()
+        if not isinstance(model, FocalRetinaNet):
+            raise TypeError(
+                f"ExportableRetinaNet wraps a FocalRetinaNet, got {type(model).__name__} "
+                "(MODEL.META_ARCHITECTURE must be FocalRetinaNet)"
+            )
+        self.model = model
+        # Exporters restore the wrapper's mode afterwards; the detector must stay in inference.
+        self.eval()
+
+    def forward(self, image: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """
+        Args:
+            image (Tensor): (C, H, W) uint8 or float, pixel values 0-255 in ``INPUT.FORMAT``.
+
+        Returns:
+            boxes (Tensor): (D, 4) float32 XYXY in pixels of ``image``.
+            scores (Tensor): (D,) float32, decreasing.
+            classes (Tensor): (D,) int64 class indices.
+        """
+        model = self.model
+        images = model.preprocess_image([{"image": image.float()}])
+        features = model.backbone(images.tensor)
+        features = [features[f] for f in model.head_in_features]
+        pred_logits, pred_deltas = model.head(features)
+        anchors = model.anchor_generator(features)
+
+        thresh = _logit(model.test_score_thresh)
+        boxes, scores, classes = [], [], []
+        for anchors_i, logits_i, deltas_i in zip(anchors, pred_logits, pred_deltas):
+            b, s, c = self._level_detections(anchors_i.tensor, logits_i, deltas_i, thresh)
+            boxes.append(b)
+            scores.append(s)
+            classes.append(c)
+        boxes, scores, classes = torch.cat(boxes), torch.cat(scores), torch.cat(classes)
+
+        keep = batched_nms(boxes, scores, classes, model.test_nms_thresh)
+        keep = keep[: model.max_detections_per_image]
+        boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+        return self._clip_and_drop_empty(boxes, scores, classes, image)
+
+    def _level_detections(
+        self, anchors: Tensor, logits: Tensor, deltas: Tensor, thresh: float
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Decoded top-k candidates above the threshold of one level.
+
+        Taking the top k of all scores and then thresholding keeps the same candidates as
+        thresholding first and then taking the top k (the eager order), and k = min(k, Ri * K)
+        depends only on the image size, not on how many scores pass.
+
+        Args:
+            anchors (Tensor): (Ri, 4).
+            logits (Tensor): (1, A*K, Hi, Wi).
+            deltas (Tensor): (1, A*4, Hi, Wi).
+            thresh (float): logit threshold, logit(test_score_thresh).
+        """
+        num_classes = self.model.num_classes
+        logits = permute_to_N_HWA_K(logits, num_classes).flatten()  # (Ri * K,)
+        deltas = permute_to_N_HWA_K(deltas, 4)[0]  # (Ri, 4)
+        # A tensor k, so that the traced graph takes min(k, Ri * K) of the actual input.
+        num_topk = shapes_to_tensor([logits.shape[0]]).clamp(max=self.model.test_topk_candidates)
+        values, idxs = logits.topk(num_topk[0])
+        keep = values > thresh
+        values, idxs = values[keep], idxs[keep]
+        anchor_idxs = torch.div(idxs, num_classes, rounding_mode="floor")
+        classes = idxs - anchor_idxs * num_classes
+        boxes = self.model.box2box_transform.apply_deltas(deltas[anchor_idxs], anchors[anchor_idxs])
+        return boxes, values.float().sigmoid(), classes
+
+    @staticmethod
+    def _clip_and_drop_empty(
+        boxes: Tensor, scores: Tensor, classes: Tensor, image: Tensor
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """``detector_postprocess`` at scale 1: clip boxes to the image, drop empty ones."""
+        size = shapes_to_tensor([image.shape[-1], image.shape[-2]]).to(boxes.dtype)  # (W, H)
+        limit = size.repeat(2)  # (4,) W, H, W, H
+        boxes = torch.minimum(boxes.clamp(min=0), limit)
+        nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return boxes[nonempty], scores[nonempty], classes[nonempty]
+
