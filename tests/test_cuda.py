@@ -1,6 +1,7 @@
 """CUDA-only checks, run by scripts/gpu_check.sh on a GPU machine and skipped without CUDA: the
 fused focal loss (Triton through Inductor) against the Eq. 5 reference, head outputs and
-detections on CUDA against CPU with the same weights, and a mixed-precision (autocast + GradScaler) training step.
+detections on CUDA against CPU with the same weights, and mixed-precision (autocast +
+GradScaler) training steps.
 
 Written without a GPU at hand (none was lent to this project yet); correct by reading."""
 
