@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine: installs if needed, then runs, within about 8 minutes,
+# One command for a CUDA machine: installs if needed, then runs, within 8 minutes (the sum of
+# the steps' time limits),
 #   1. the CUDA tests (every test whose name or marker says cuda / gpu / autocast; a test
 #      skipped for want of CUDA counts as a failure),
 #   2. the focal-loss benchmark with --device cuda (with its memory-bandwidth bound),
@@ -49,15 +50,18 @@ if [ "${SKIP_INSTALL:-0}" != 1 ]; then
 fi
 [ -x "$PY" ] || { echo "gpu_check: no Python at $PY" >&2; exit 1; }
 
-if ! TORCH_INFO=$("$PY" -c '
+TORCH_INFO=$("$PY" -c '
 import sys, torch
 if not torch.cuda.is_available():
     print(f"torch {torch.__version__} (CUDA build: {torch.version.cuda}) sees no CUDA device")
-    sys.exit(1)
+    sys.exit(3)
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
-' 2>&1); then
-    no_cuda "$TORCH_INFO"
-fi
+' 2>&1)
+case $? in
+    0) ;;
+    3) no_cuda "$TORCH_INFO" ;;
+    *) echo "gpu_check: $PY could not import torch:" >&2; echo "$TORCH_INFO" >&2; exit 1 ;;
+esac
 echo "gpu_check: $TORCH_INFO"
 
 export PYTHONUNBUFFERED=1
@@ -91,10 +95,20 @@ run_step() {
     echo "gpu_check: [$name] $status; log: $log"
 }
 
+# require INDEX PATTERN LOG: a step that exited 0 without printing its result still fails.
+require() {
+    if [ "${STATUS[$1]}" = PASS ] && ! grep -qE "$2" "$3"; then
+        STATUS[$1]="FAIL(no result)"
+        FAILED=1
+        echo "gpu_check: [${STEPS[$1]}] exited 0 but $3 has no line matching '$2': FAIL"
+    fi
+}
+
 # 1. CUDA tests. -k matches test names and marker names alike.
-run_step cuda_tests 150 "$PY" -m pytest tests -q -rs -k "cuda or gpu or autocast"
+run_step cuda_tests 120 "$PY" -m pytest tests -q -rs -k "cuda or gpu or autocast"
 FIGURES+=("$(grep -E '[0-9]+ (passed|failed|error|skipped)|no tests ran' \
     "$OUT_DIR/cuda_tests.log" | tail -n 1)")
+require 0 '[0-9]+ passed' "$OUT_DIR/cuda_tests.log"
 # On a CUDA machine a test skipped for want of CUDA means the check did not happen.
 if grep -qiE '^SKIPPED .*(cuda|gpu)' "$OUT_DIR/cuda_tests.log"; then
     STATUS[0]="FAIL(skipped)"
@@ -104,18 +118,21 @@ fi
 
 # 2. Focal loss at RetinaNet's real shape, against fvcore / torchvision and the bandwidth bound.
 run_step focal_loss_bench 90 "$PY" benchmarks/focal_loss.py --device cuda --repeats 5
+require 1 '^ours' "$OUT_DIR/focal_loss_bench.log"
 FIGURES+=("$(grep -E '^ours|bandwidth bound' "$OUT_DIR/focal_loss_bench.log" | tr -s ' ' \
     | paste -sd ';' -)")
 
 # 3. FocalRetinaNet against detectron2's RetinaNet on CUDA, R50-FPN, 800x1333.
 run_step retinanet_bench 120 "$PY" benchmarks/retinanet.py --device cuda --sizes 800x1333 \
     --batch-sizes 2 --repeats 5
-FIGURES+=("see $OUT_DIR/retinanet_bench.log (last lines below)")
+require 2 'speedup = detectron2 / ours' "$OUT_DIR/retinanet_bench.log"
+FIGURES+=("speed-up $(awk '$4 ~ /^(train|infer|post)$/ && $NF ~ /x$/ {
+    printf "%s/%s %s ", $4, $3, $NF }' "$OUT_DIR/retinanet_bench.log")")
 
 # 4. 100 iterations of the demo with AMP on CUDA, then its COCO evaluation.
 TRAIN_DIR="$OUT_DIR/demo_amp"
 rm -rf "$TRAIN_DIR"
-run_step demo_amp_train 200 bash -c "
+run_step demo_amp_train 150 bash -c "
     '$PY' -m retinanet_plugin.data.deepforest --out datasets/deepforest &&
     '$PY' train_net.py --config-file configs/demo_deepforest_mobilenet_v2_fpn.yaml \
         MODEL.DEVICE cuda SOLVER.AMP.ENABLED True SOLVER.MAX_ITER 100 SOLVER.STEPS '(80,)' \
@@ -137,6 +154,7 @@ if times:
 print(", ".join(parts) or "no AP in metrics.json")
 PYEOF
 )")
+require 3 '"bbox/AP"' "$TRAIN_DIR/metrics.json"
 
 echo
 echo "================================ gpu_check summary ================================"
@@ -147,7 +165,7 @@ for i in "${!STEPS[@]}"; do
         "${FIGURES[$i]}"
 done
 echo "--- retinanet_bench (last lines) ---"
-tail -n 8 "$OUT_DIR/retinanet_bench.log"
+tail -n 10 "$OUT_DIR/retinanet_bench.log"
 echo "--- focal_loss_bench (last lines) ---"
 tail -n 8 "$OUT_DIR/focal_loss_bench.log"
 echo "Logs: $OUT_DIR/*.log; training run: $TRAIN_DIR"

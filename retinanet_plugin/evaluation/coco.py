@@ -20,8 +20,7 @@ import logging
 from typing import Optional
 from unittest import mock
 
-from detectron2.evaluation import COCOEvaluator
-from detectron2.evaluation import coco_evaluation
+from detectron2.evaluation import COCOEvaluator, coco_evaluation
 
 from ..utils import has_compiled_ops
 
