@@ -159,7 +159,7 @@ def markdown_table(results: Dict[str, Dict[int, Dict[str, float]]], steps: int) 
     """Table 1-style rows: setting, what it is, seeds, then mean ± std (min-max) per metric."""
     lines = [
         f"COCO box AP on deepforest_tree_val, {steps} steps; mean ± sample std (min-max) "
-        "over seeds.",
+        "over seeds; '-': no AP (no detection passed the score threshold).",
         "",
         "| setting | loss | seeds | AP | AP50 | AP75 |",
         "|---|---|---:|---:|---:|---:|",

@@ -113,6 +113,15 @@ def test_losses_sum_to_the_detectors_training_loss():
     torch.testing.assert_close(torch.sort(pos0).values, torch.sort(bce[onehot == 1]).values)
     torch.testing.assert_close(torch.sort(neg0).values, torch.sort(bce[onehot == 0]).values)
 
+    # Image by image, with a random subset of 100 negatives per image, the same for every gamma:
+    # CE = -log p_t gives FL_2 = (1 - exp(-CE))^2 CE element by element only if the subsets
+    # pair up.
+    per_image = loss_cdf.collect_losses(model, inputs, [0.0, 2.0], negatives_per_image=100)
+    ce, fl2 = per_image["negative"][0.0].astype(np.float64), per_image["negative"][2.0]
+    assert ce.shape == fl2.shape == (200,)
+    assert per_image["positive"][2.0].shape == (num_fg,)
+    np.testing.assert_allclose(fl2, (1 - np.exp(-ce)) ** 2 * ce, rtol=1e-3, atol=1e-30)
+
 
 def test_command_writes_the_figure_and_the_numbers(tmp_path):
     cfg = _cfg()
