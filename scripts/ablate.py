@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -105,12 +106,24 @@ def read_final_metrics(metrics_json: Path) -> Optional[Dict[str, float]]:
     return found
 
 
+def read_steps(run: Path) -> Optional[int]:
+    """SOLVER.MAX_ITER of a finished run, from the config.yaml detectron2 saved beside it."""
+    config = run / "config.yaml"
+    if not config.is_file():
+        return None
+    found = re.search(r"^  MAX_ITER: (\d+)$", config.read_text(), flags=re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
 def run_one(setting: str, seed: int, steps: int, output: Path, threads: int,
             extra_opts: Sequence[str]) -> Dict[str, float]:
     """Trains and evaluates one run (skipped if already finished); returns its metrics."""
     out = run_dir(output, setting, seed)
     done = read_final_metrics(out / "metrics.json")
     if done is not None:
+        if read_steps(out) != steps:
+            raise SystemExit(f"{out} holds a finished run of {read_steps(out)} steps, not "
+                             f"{steps}: choose another --output")
         logger.info("%s seed %d: already done, AP %.2f", setting, seed, done["AP"])
         return done
     cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(DEMO_CONFIG),
@@ -224,7 +237,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), metavar="NAME",
                         help=f"subset of {list(SETTINGS)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=200, help="training steps per run")
+    parser.add_argument("--steps", type=int, default=200,
+                        help="training steps per run (--table-only reads them from the runs)")
     parser.add_argument("--output", type=Path, default=REPO / "output" / "ablation")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--table-only", action="store_true",
@@ -245,18 +259,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, Dict[str, 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     results: Dict[str, Dict[int, Dict[str, float]]] = {}
+    steps_found = set()
     for setting in args.settings:
         for seed in args.seeds:
             if args.table_only:
-                found = read_final_metrics(run_dir(args.output, setting, seed) / "metrics.json")
+                run = run_dir(args.output, setting, seed)
+                found = read_final_metrics(run / "metrics.json")
                 if found is not None:
                     results.setdefault(setting, {})[seed] = found
+                    steps_found.add(read_steps(run))
                 continue
             metrics = run_one(setting, seed, args.steps, args.output, args.threads, args.opts)
             results.setdefault(setting, {})[seed] = metrics
     if not results:
         raise SystemExit(f"no finished runs under {args.output}")
-    table = write_report(results, args.output, args.steps)
+    steps = args.steps
+    if args.table_only:
+        if len(steps_found) != 1 or None in steps_found:
+            raise SystemExit(f"the runs under {args.output} have different or unknown step "
+                             f"counts {sorted(steps_found, key=str)}; tabulate them separately")
+        steps = steps_found.pop()
+    table = write_report(results, args.output, steps)
     logger.info("Wrote %s, ablation.png and results.json:\n%s", args.output / "table.md", table)
     return results
 

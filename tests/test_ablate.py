@@ -21,8 +21,9 @@ def _load_ablate():
 ablate = _load_ablate()
 
 
-def _write_metrics(path: Path, ap: float, ap50: float, ap75: float):
+def _write_metrics(path: Path, ap: float, ap50: float, ap75: float, steps: int = 20):
     path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(f"SOLVER:\n  BASE_LR: 0.01\n  MAX_ITER: {steps}\n")
     records = [
         {"iteration": 9, "total_loss": 1.0},
         {"iteration": 9, "bbox/AP": 99.0, "bbox/AP50": 99.0, "bbox/AP75": 99.0},  # superseded
@@ -40,8 +41,9 @@ def test_table_from_finished_runs(tmp_path):
     _write_metrics(ablate.run_dir(tmp_path, "FLstar", 0), 20.0, 40.0, 10.0)
     ablate.run_dir(tmp_path, "FLstar", 1).mkdir(parents=True)  # unfinished: no metrics.json
 
+    # The step count comes from the runs' config.yaml (20), not from --steps' default (200).
     results = ablate.main(["--table-only", "--settings", "CE", "FLstar", "--seeds", "0", "1", "2",
-                           "--steps", "20", "--output", str(tmp_path)])
+                           "--output", str(tmp_path)])
 
     assert results["CE"][1] == {"AP": 12.0, "AP50": 24.0, "AP75": 6.0}
     assert set(results["FLstar"]) == {0}
@@ -54,6 +56,11 @@ def test_table_from_finished_runs(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["runs"]["CE"]["2"]["AP"] == 14.0 and saved["steps"] == 20
 
+    assert "deepforest_tree_val, 20 steps" in table[0]
+
+    _write_metrics(ablate.run_dir(tmp_path, "OHEM", 0), 5.0, 9.0, 1.0, steps=50)
+    with pytest.raises(SystemExit, match="different or unknown step counts"):
+        ablate.main(["--table-only", "--output", str(tmp_path)])
     with pytest.raises(SystemExit):  # bad setting name: argparse error naming it
         ablate.main(["--settings", "FL-g3", "--table-only", "--output", str(tmp_path)])
 
@@ -91,3 +98,6 @@ def test_one_tiny_real_run(tmp_path, monkeypatch):
     stamp = (run / "metrics.json").stat().st_mtime_ns
     assert ablate.main(argv + opts) == results
     assert (run / "metrics.json").stat().st_mtime_ns == stamp
+    # ... nor silently reported under another step count.
+    with pytest.raises(SystemExit, match="finished run of 2 steps, not 3"):
+        ablate.main([a if a != "2" else "3" for a in argv] + opts)
