@@ -54,7 +54,8 @@ from ..meta_arch import FocalRetinaNet
 
 __all__ = ["anchor_logits_and_labels", "normalized_cdf", "split_focal_losses", "main"]
 
-logger = logging.getLogger(__name__)
+# Named explicitly: run with `python -m`, this module is "__main__".
+logger = logging.getLogger("retinanet_plugin.tools.loss_cdf")
 
 DEFAULT_GAMMAS = (0.0, 0.5, 1.0, 2.0)
 # The share of a set's loss carried by its hardest `f` of samples, reported in the JSON.
@@ -264,6 +265,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = parse_args(argv)
+    setup_logger()  # detectron2's own messages (checkpoint loading)
     setup_logger(name="retinanet_plugin")
     cfg = get_cfg()
     add_retinanet_plugin_config(cfg)
