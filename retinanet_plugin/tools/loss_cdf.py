@@ -265,7 +265,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = parse_args(argv)
-    setup_logger()  # detectron2's own messages (checkpoint loading)
+    setup_logger()  # detectron2's own messages
+    setup_logger(name="fvcore")  # checkpoint loading, missing or unexpected keys
     setup_logger(name="retinanet_plugin")
     cfg = get_cfg()
     add_retinanet_plugin_config(cfg)
