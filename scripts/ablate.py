@@ -260,6 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, Dict[str, 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     results: Dict[str, Dict[int, Dict[str, float]]] = {}
     steps_found = set()
+    failures: List[str] = []
     for setting in args.settings:
         for seed in args.seeds:
             if args.table_only:
@@ -269,10 +270,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, Dict[str, 
                     results.setdefault(setting, {})[seed] = found
                     steps_found.add(read_steps(run))
                 continue
-            metrics = run_one(setting, seed, args.steps, args.output, args.threads, args.opts)
+            try:
+                metrics = run_one(setting, seed, args.steps, args.output, args.threads, args.opts)
+            except RuntimeError as exc:  # one broken run should not cost the rest of the grid
+                logger.error("%s", exc)
+                failures.append(str(exc))
+                continue
             results.setdefault(setting, {})[seed] = metrics
     if not results:
-        raise SystemExit(f"no finished runs under {args.output}")
+        raise SystemExit("; ".join(failures) or f"no finished runs under {args.output}")
     steps = args.steps
     if args.table_only:
         if len(steps_found) != 1 or None in steps_found:
@@ -281,6 +287,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, Dict[str, 
         steps = steps_found.pop()
     table = write_report(results, args.output, steps)
     logger.info("Wrote %s, ablation.png and results.json:\n%s", args.output / "table.md", table)
+    if failures:
+        raise SystemExit(f"{len(failures)} run(s) failed (the table holds the others): "
+                         + "; ".join(failures))
     return results
 
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,22 @@ def test_table_from_finished_runs(tmp_path):
         ablate.main(["--table-only", "--output", str(tmp_path)])
     with pytest.raises(SystemExit):  # bad setting name: argparse error naming it
         ablate.main(["--settings", "FL-g3", "--table-only", "--output", str(tmp_path)])
+
+
+def test_a_failed_run_does_not_stop_the_grid(tmp_path, monkeypatch):
+    _write_metrics(ablate.run_dir(tmp_path, "FL-g2", 0), 8.0, 30.0, 1.0)
+    calls = []
+
+    def failing_run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, returncode=1)
+
+    monkeypatch.setattr(ablate.subprocess, "run", failing_run)
+    with pytest.raises(SystemExit, match=r"1 run\(s\) failed .*CE seed 0 failed \(exit 1\)"):
+        ablate.main(["--settings", "CE", "FL-g2", "--seeds", "0", "--steps", "20",
+                     "--output", str(tmp_path)])
+    assert len(calls) == 1 and "SEED" in calls[0]  # CE was tried; FL-g2 was already done
+    assert "| FL-g2 |" in (tmp_path / "table.md").read_text()
 
 
 @pytest.mark.slow
