@@ -88,7 +88,18 @@ def test_one_tiny_real_run(tmp_path, monkeypatch):
     # Inherited by the run: eager loss kernels (same numbers, tests/test_focal_loss.py) spare the
     # run a first compilation that costs more than its two steps.
     monkeypatch.setenv("RETINANET_PLUGIN_COMPILE", "0")
-    prepare_deepforest(REPO / "datasets" / "deepforest")
+    # The run reads $DETECTRON2_DATASETS/deepforest: there, a val split of 4 tiles with trees.
+    source = REPO / "datasets" / "deepforest"
+    prepare_deepforest(source)
+    coco = json.loads((source / "val.json").read_text())
+    keep = sorted({a["image_id"] for a in coco["annotations"]})[:4]
+    coco["images"] = [img for img in coco["images"] if img["id"] in keep]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
+    data = tmp_path / "data" / "deepforest"
+    data.mkdir(parents=True)
+    (data / "val.json").write_text(json.dumps(coco))
+    (data / "images").symlink_to(source / "images")
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))
     opts = [
         "--",
         "MODEL.MOBILENET.PRETRAINED", "False",
@@ -100,16 +111,17 @@ def test_one_tiny_real_run(tmp_path, monkeypatch):
         # After 2 steps every score is near the prior (0.01): keep them so that AP is a number.
         "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
     ]  # fmt: skip
-    argv = ["--settings", "OHEM", "--seeds", "3", "--steps", "2", "--output", str(tmp_path)]
+    argv = ["--settings", "OHEM", "--seeds", "3", "--steps", "2", "--output", str(tmp_path / "out")]
     results = ablate.main(argv + opts)
 
-    run = ablate.run_dir(tmp_path, "OHEM", 3)
+    run = ablate.run_dir(tmp_path / "out", "OHEM", 3)
     ap = results["OHEM"][3]
     assert 0.0 <= ap["AP"] <= ap["AP50"] <= 100.0
     config = (run / "config.yaml").read_text()
     assert "CLS_LOSS: OHEMLoss" in config and "BATCH_SIZE_PER_IMAGE: 128" in config
     assert "MAX_ITER: 2" in config and "SEED: 3" in config
-    assert f"{ap['AP']:.2f}" in (tmp_path / "table.md").read_text()
+    assert f"{ap['AP']:.2f}" in (tmp_path / "out" / "table.md").read_text()
+    assert "Loaded 4 images in COCO format" in (run / "log.txt").read_text()
 
     # A finished run is not trained again.
     stamp = (run / "metrics.json").stat().st_mtime_ns
