@@ -42,7 +42,7 @@ demo: $(STAMP)
 
 # Table 1 on the CPU demo (scripts/ablate.py): the classification loss (CE, alpha-balanced CE, FL
 # gamma 0.5 / 1 / 2 / 5, FL*, OHEM) over seeds; writes output/ablation/table.md and ablation.png.
-# The full grid is 8 settings x 3 seeds x ~5 min on 2 cores (about 2 hours); a short run:
+# The full grid is 8 settings x 3 seeds x ~8 min on 2 quiet cores (over 3 hours); a short run:
 #   make ablation ABLATION_SETTINGS="CE FL-g2" ABLATION_SEEDS=0 ABLATION_STEPS=50
 ABLATION_SETTINGS ?= CE alpha-CE FL-g0.5 FL-g1 FL-g2 FL-g5 FLstar OHEM
 ABLATION_SEEDS ?= 0 1 2
