@@ -41,7 +41,7 @@ def test_fused_loss_on_cuda_equals_eq5_reference(gamma):
     loss = sigmoid_focal_loss_from_labels(x, labels.cuda(), 0.25, gamma, "sum")
     loss.backward()
 
-    ref_x = logits.double().requires_grad_()
+    ref_x = logits.detach().double().requires_grad_()
     keep = (labels >= 0).unsqueeze(-1).double()
     targets = F.one_hot(labels.clamp(min=0, max=80), 81)[..., :80].double()
     ref = (sigmoid_focal_loss_reference(ref_x, targets, 0.25, gamma) * keep).sum()
@@ -105,7 +105,9 @@ def test_head_and_detections_on_cuda_equal_cpu(monkeypatch):
                                atol=1e-3)
 
 
-def test_amp_training_step_on_cuda():
+def test_amp_training_steps_on_cuda():
+    """autocast + GradScaler as detectron2's AMPTrainer: finite losses, and within a few steps
+    (the scaler halves its scale after each overflow) an optimizer step that moves the weights."""
     torch.manual_seed(0)
     model = build_model(_cfg("cuda")).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -114,15 +116,22 @@ def test_amp_training_step_on_cuda():
     inst.gt_boxes = Boxes(torch.tensor([[20.0, 30.0, 120.0, 150.0], [150.0, 40.0, 300.0, 200.0]]))
     inst.gt_classes = torch.tensor([3, 17])
     inputs = [{"image": torch.rand(3, 256, 320) * 255, "instances": inst}]
+    before = [p.detach().clone() for p in model.parameters()]
+    stepped = False
     with EventStorage():
-        for _ in range(3):
+        for _ in range(20):
             with torch.autocast("cuda"):
                 losses = model(inputs)
-            total = sum(losses.values())
-            assert all(torch.isfinite(v) for v in losses.values())
+            assert all(torch.isfinite(v) for v in losses.values()), losses
             optimizer.zero_grad()
-            scaler.scale(total).backward()
+            scaler.scale(sum(losses.values())).backward()
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
+            if scaler.get_scale() >= scale:  # no overflow: the step was taken
+                stepped = True
+                break
+    assert stepped
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(b, p) for b, p in zip(before, after))
