@@ -40,3 +40,16 @@ demo: $(STAMP)
 	$(PY) -m retinanet_plugin.data.deepforest --out "$${DETECTRON2_DATASETS:-datasets}/deepforest"
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) train_net.py \
 		--config-file configs/demo_deepforest_mobilenet_v2_fpn.yaml
+
+# Table 1 on the CPU demo (scripts/ablate.py): the classification loss (CE, alpha-balanced CE, FL
+# gamma 0.5 / 1 / 2 / 5, FL*, OHEM) over seeds; writes output/ablation/table.md and ablation.png.
+# The full grid is 8 settings x 3 seeds x ~8 min on 2 quiet cores (over 3 hours); a short run:
+#   make ablation ABLATION_SETTINGS="CE FL-g2" ABLATION_SEEDS=0 ABLATION_STEPS=50
+ABLATION_SETTINGS ?= CE alpha-CE FL-g0.5 FL-g1 FL-g2 FL-g5 FLstar OHEM
+ABLATION_SEEDS ?= 0 1 2
+ABLATION_STEPS ?= 200
+.PHONY: ablation
+ablation: $(STAMP)
+	$(PY) -m retinanet_plugin.data.deepforest --out datasets/deepforest
+	$(PY) scripts/ablate.py --settings $(ABLATION_SETTINGS) --seeds $(ABLATION_SEEDS) \
+		--steps $(ABLATION_STEPS) --threads $(DEMO_THREADS)

@@ -1,1 +1,1 @@
-"""Command-line tools, run as ``python -m retinanet_plugin.tools.<name>``."""
+"""Command-line tools, each run as ``python -m retinanet_plugin.tools.<name>``."""
