@@ -18,23 +18,33 @@ when the config names them, from ``$DETECTRON2_DATASETS/deepforest`` (default
 
 import logging
 import os
+from collections import OrderedDict
 
 from detectron2.config import get_cfg
-from detectron2.engine import DefaultTrainer, HookBase, default_argument_parser, default_setup
+from detectron2.data import build_detection_train_loader
+from detectron2.engine import (
+    DefaultTrainer,
+    HookBase,
+    default_argument_parser,
+    default_setup,
+    hooks,
+)
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 
 from retinanet_plugin import RetinaNetCheckpointer, add_retinanet_plugin_config
+from retinanet_plugin.data import CrowdDatasetMapper
 from retinanet_plugin.data.deepforest import DATASET_NAMES, register_deepforest
 from retinanet_plugin.engine import launch, wrap_ddp_on_cpu
+from retinanet_plugin.test_time_augmentation import FocalRetinaNetWithTTA
 from retinanet_plugin.utils import has_compiled_ops
 from retinanet_plugin.visualize import save_prediction_grid
 
 PREDICTIONS_PICTURE = "val_predictions.png"
 
 
-def _inference_dir(cfg, dataset_name):
-    return os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+def _inference_dir(cfg, dataset_name, folder="inference"):
+    return os.path.join(cfg.OUTPUT_DIR, folder, dataset_name)
 
 
 def save_predictions_picture(cfg):
@@ -73,9 +83,33 @@ class Trainer(DefaultTrainer):
             dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops()
         )
 
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if not cfg.MODEL.RETINANET.CROWD_IGNORE:
+            return super().build_train_loader(cfg)
+        # detectron2's mapper drops crowd regions; the model needs them to ignore their anchors.
+        return build_detection_train_loader(cfg, mapper=CrowdDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluates with test-time augmentation (TEST.AUG.*); result keys end in "_TTA"."""
+        logging.getLogger("detectron2.trainer").info(
+            "Running inference with test-time augmentation ..."
+        )
+        evaluators = [
+            cls.build_evaluator(cfg, name, output_folder=_inference_dir(cfg, name, "inference_TTA"))
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, FocalRetinaNetWithTTA(cfg, model), evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in res.items())
+
     def build_hooks(self):
+        ret = super().build_hooks()
+        if self.cfg.TEST.AUG.ENABLED:
+            # After the final plain evaluation, as detectron2's R-CNN train_net.py does.
+            ret.append(hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model)))
         # Appended last: it runs after EvalHook's final evaluation has saved the detections.
-        return super().build_hooks() + [PredictionsPicture()]
+        return ret + [PredictionsPicture()]
 
 
 def setup(args):
@@ -100,6 +134,8 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
         save_predictions_picture(cfg)

@@ -4,6 +4,7 @@ Nothing is registered at import: :func:`register_deepforest` takes the dataset r
 (``train_net.py``, a test) decides where the data lives.
 """
 
+from .crowd_mapper import CrowdDatasetMapper
 from .deepforest import (
     convert_deepforest,
     convert_voc_to_coco,
@@ -15,6 +16,7 @@ from .deepforest import (
 )
 
 __all__ = [
+    "CrowdDatasetMapper",
     "convert_deepforest",
     "convert_voc_to_coco",
     "fetch_deepforest",
