@@ -496,9 +496,8 @@ class FocalRetinaNet(DenseDetector):
             return [(boxes, scores, classes)]
         order = torch.argsort(image_idx, stable=True)
         counts = torch.bincount(image_idx, minlength=num_images).tolist()
-        return list(
-            zip(boxes[order].split(counts), scores[order].split(counts), classes[order].split(counts))
-        )
+        per_image = (t[order].split(counts) for t in (boxes, scores, classes))
+        return list(zip(*per_image))
 
     def select_detections(
         self, boxes: Tensor, scores: Tensor, classes: Tensor, image_size: Tuple[int, int]

@@ -14,7 +14,6 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from retinanet_plugin.data import CrowdDatasetMapper
-from retinanet_plugin.meta_arch import _logit
 from retinanet_plugin.nms import box_voting, soft_nms
 from retinanet_plugin.test_time_augmentation import FocalRetinaNetWithTTA
 
@@ -239,7 +238,11 @@ def _image(height, width, seed=0):
 
 def _by_score(instances):
     order = torch.argsort(instances.scores, descending=True)
-    return instances.scores[order], instances.pred_boxes.tensor[order], instances.pred_classes[order]
+    return (
+        instances.scores[order],
+        instances.pred_boxes.tensor[order],
+        instances.pred_classes[order],
+    )
 
 
 def _assert_same(a, b, atol=1e-3):
@@ -277,9 +280,10 @@ def test_tta_one_scale_equals_the_model_on_the_resized_image(tta_model):
 def test_tta_with_flip_gives_the_mirrored_detections_of_the_mirrored_image(tta_model):
     cfg, model = tta_model
     # TTA with flip sees an image and its mirror either way, so the detections of the mirrored
-    # image are the mirrored detections. (A flip-symmetric image, its own mirror, thus gets
-    # mirror-symmetric detections, up to the NMS's choice between a box and its mirror, which tie.) The model alone is not flip-equivariant (padding,
-    # random weights): the check below shows that the property comes from the TTA.
+    # image are the mirrored detections (a flip-symmetric image, its own mirror, thus gets
+    # mirror-symmetric detections, up to the NMS's choice between a box and its mirror, which
+    # tie). The model alone is not flip-equivariant (padding, random weights): the check below
+    # shows that the property comes from the TTA.
     image = _image(128, 160, seed=1)
     flipped = image.flip(-1)
     tta = _tta(cfg, model, (128, 96), True)
