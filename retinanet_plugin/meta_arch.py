@@ -89,6 +89,10 @@ def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
+# Values of MODEL.RETINANET.NMS_TYPE: the paper's NMS, or soft-NMS with one of its decays.
+NMS_TYPES = ("hard",) + tuple(f"soft_{method}" for method in SOFT_NMS_METHODS)
+
+
 def _test_time_options(rcfg) -> Dict[str, Any]:
     """Constructor arguments of the NMS, threshold and crowd keys, checked, naming the key."""
     per_class = list(rcfg.SCORE_THRESH_TEST_PER_CLASS)
@@ -97,9 +101,8 @@ def _test_time_options(rcfg) -> Dict[str, Any]:
             f"MODEL.RETINANET.SCORE_THRESH_TEST_PER_CLASS needs NUM_CLASSES = {rcfg.NUM_CLASSES} "
             f"values (or none), got {len(per_class)}: {per_class}"
         )
-    nms_types = ("hard",) + tuple(f"soft_{m}" for m in SOFT_NMS_METHODS)
-    if rcfg.NMS_TYPE not in nms_types:
-        raise ValueError(f"MODEL.RETINANET.NMS_TYPE = {rcfg.NMS_TYPE!r} is not one of {nms_types}")
+    if rcfg.NMS_TYPE not in NMS_TYPES:
+        raise ValueError(f"MODEL.RETINANET.NMS_TYPE = {rcfg.NMS_TYPE!r} is not one of {NMS_TYPES}")
     if not rcfg.SOFT_NMS_SIGMA > 0:
         raise ValueError(f"MODEL.RETINANET.SOFT_NMS_SIGMA must be > 0, got {rcfg.SOFT_NMS_SIGMA}")
     for key in ("BOX_VOTING_IOU_THRESH", "CROWD_IOA_THRESH"):
@@ -217,21 +220,15 @@ class FocalRetinaNet(DenseDetector):
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
         self.input_format = input_format
-        if nms_type != "hard" and nms_type.replace("soft_", "", 1) not in SOFT_NMS_METHODS:
-            raise ValueError(
-                f"nms_type must be 'hard', 'soft_linear' or 'soft_gaussian', got {nms_type!r}"
-            )
-        if test_score_thresh_per_class is not None and len(test_score_thresh_per_class) not in (
-            0,
-            num_classes,
-        ):
+        if nms_type not in NMS_TYPES:
+            raise ValueError(f"nms_type must be one of {NMS_TYPES}, got {nms_type!r}")
+        per_class = list(test_score_thresh_per_class or [])
+        if per_class and len(per_class) != num_classes:
             raise ValueError(
                 f"test_score_thresh_per_class needs one threshold per class ({num_classes}), got "
-                f"{len(test_score_thresh_per_class)}"
+                f"{len(per_class)}"
             )
-        self.test_score_thresh_per_class = (
-            list(test_score_thresh_per_class) if test_score_thresh_per_class else None
-        )
+        self.test_score_thresh_per_class = per_class or None
         self.nms_type = nms_type
         self.soft_nms_sigma = soft_nms_sigma
         self.soft_nms_score_thresh = soft_nms_score_thresh
