@@ -31,15 +31,23 @@ def _offset_boxes(boxes: Tensor, idxs: Tensor) -> Tensor:
     return boxes + (idxs.to(boxes) * span)[:, None]
 
 
-def _iou_one_to_all(box: Tensor, boxes: Tensor) -> Tensor:
-    """IoU of one (4,) XYXY box with (D, 4) boxes, (D,); 0 where the union is empty."""
-    width = (torch.min(box[2], boxes[:, 2]) - torch.max(box[0], boxes[:, 0])).clamp(min=0)
-    height = (torch.min(box[3], boxes[:, 3]) - torch.max(box[1], boxes[:, 1])).clamp(min=0)
-    inter = width * height
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    box_area = (box[2] - box[0]) * (box[3] - box[1])
-    union = box_area + area - inter
+def _pairwise_iou(columns_a: Tensor, area_a: Tensor, columns_b: Tensor, area_b: Tensor) -> Tensor:
+    """IoU of XYXY boxes given as contiguous coordinate columns, broadcast: columns (4, ...) and
+    areas of the broadcast shapes; 0 where the union is empty."""
+    x1a, y1a, x2a, y2a = columns_a
+    x1b, y1b, x2b, y2b = columns_b
+    width = (torch.minimum(x2a, x2b) - torch.maximum(x1a, x1b)).clamp_(min=0)
+    height = (torch.minimum(y2a, y2b) - torch.maximum(y1a, y1b)).clamp_(min=0)
+    inter = width.mul_(height)
+    union = area_a + area_b - inter
     return torch.where(union > 0, inter / union, torch.zeros_like(inter))
+
+
+def _columns(boxes: Tensor) -> Tuple[Tensor, Tensor]:
+    """(4, D) contiguous x1, y1, x2, y2 and the (D,) areas: elementwise ops on contiguous
+    columns run several times faster than on the strided views ``boxes[:, i]``."""
+    columns = boxes.t().contiguous()
+    return columns, (columns[2] - columns[0]) * (columns[3] - columns[1])
 
 
 def soft_nms(
@@ -82,14 +90,14 @@ def soft_nms(
     num = min(int(max_detections), boxes.shape[0])
     if num == 0:
         return idxs.new_zeros(0, dtype=torch.int64), scores.new_zeros(0)
-    shifted = _offset_boxes(boxes.float(), idxs)
+    columns, areas = _columns(_offset_boxes(boxes.float(), idxs))
     current = scores.float().masked_fill(scores <= score_threshold, -1.0)
     picked, picked_scores = [], []
     for _ in range(num):
         best = current.argmax()
         picked.append(best)
         picked_scores.append(current[best])
-        iou = _iou_one_to_all(shifted[best], shifted)
+        iou = _pairwise_iou(columns[:, best], areas[best], columns, areas)
         if method == "linear":
             decay = torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
         else:
@@ -132,14 +140,12 @@ def box_voting(
         return kept_boxes
     all_boxes = torch.cat([kept_boxes, boxes]).float()
     shifted = _offset_boxes(all_boxes, torch.cat([kept_idxs, idxs]))
-    kept_shifted, cand_shifted = shifted[: len(kept_boxes)], shifted[len(kept_boxes) :]
-    lt = torch.max(kept_shifted[:, None, :2], cand_shifted[None, :, :2])
-    rb = torch.min(kept_shifted[:, None, 2:], cand_shifted[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=2)  # (M, D)
-    area_kept = (kept_shifted[:, 2:] - kept_shifted[:, :2]).prod(dim=1)
-    area_cand = (cand_shifted[:, 2:] - cand_shifted[:, :2]).prod(dim=1)
-    union = area_kept[:, None] + area_cand[None, :] - inter
-    iou = torch.where(union > 0, inter / union, torch.zeros_like(inter))
+    columns, areas = _columns(shifted)
+    num_kept = len(kept_boxes)
+    iou = _pairwise_iou(  # (M, D)
+        columns[:, :num_kept, None], areas[:num_kept, None], columns[:, None, num_kept:],
+        areas[None, num_kept:],
+    )  # fmt: skip
     weights = (iou >= iou_threshold).float() * scores.float()[None, :]  # (M, D)
     total = weights.sum(dim=1, keepdim=True)
     voted = weights @ boxes.float() / total.clamp(min=torch.finfo(torch.float32).tiny)
