@@ -110,6 +110,23 @@ def test_defaults_keep_detectron2_post_processing():
     assert model.box_voting_iou_thresh is None and model.crowd_ioa_thresh is None
 
 
+def test_keys_reach_the_model():
+    model = build_model(
+        _cfg(
+            "MODEL.RETINANET.NUM_CLASSES", "2",
+            "MODEL.RETINANET.SCORE_THRESH_TEST_PER_CLASS", "[0.2, 0.05]",
+            "MODEL.RETINANET.NMS_CLASS_AGNOSTIC", "True",
+            "MODEL.RETINANET.NMS_TYPE", "soft_linear",
+            "MODEL.RETINANET.SOFT_NMS_SCORE_THRESH", "0.01",
+            "MODEL.RETINANET.CROWD_IGNORE", "True",
+            "MODEL.RETINANET.CROWD_IOA_THRESH", "0.6",
+        )  # fmt: skip
+    )
+    assert model.test_score_thresh_per_class == [0.2, 0.05]
+    assert model.nms_class_agnostic and model.nms_type == "soft_linear"
+    assert model.soft_nms_score_thresh == 0.01 and model.crowd_ioa_thresh == 0.6
+
+
 @pytest.mark.parametrize(
     "key,value,message",
     [
