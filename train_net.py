@@ -21,16 +21,24 @@ from ``$DETECTRON2_DATASETS/deepforest`` (default ``./datasets/deepforest``; pre
 
 import logging
 import os
+from collections import OrderedDict
 
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader
-from detectron2.engine import DefaultTrainer, HookBase, default_argument_parser, default_setup
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import (
+    DefaultTrainer,
+    HookBase,
+    default_argument_parser,
+    default_setup,
+    hooks,
+)
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from retinanet_plugin import RetinaNetCheckpointer, add_retinanet_plugin_config
 from retinanet_plugin.data import (
+    CrowdDatasetMapper,
     RobustDatasetMapper,
     build_robust_train_loader,
     check_datasets,
@@ -47,13 +55,14 @@ from retinanet_plugin.engine import (
     wrap_ddp_on_cpu,
 )
 from retinanet_plugin.evaluation import build_coco_evaluator
+from retinanet_plugin.test_time_augmentation import FocalRetinaNetWithTTA
 from retinanet_plugin.visualize import save_prediction_grid
 
 PREDICTIONS_PICTURE = "val_predictions.png"
 
 
-def _inference_dir(cfg, dataset_name):
-    return os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+def _inference_dir(cfg, dataset_name, folder="inference"):
+    return os.path.join(cfg.OUTPUT_DIR, folder, dataset_name)
 
 
 def _results_file(cfg):
@@ -120,6 +129,16 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         # 16-bit grayscale keeps its contrast; DATALOADER.SKIP_UNREADABLE_IMAGES skips images
         # that fail to decode. BatchRecorder keeps the last batch's image ids for the loss guard.
+        if cfg.MODEL.RETINANET.CROWD_IGNORE:
+            if cfg.DATALOADER.SKIP_UNREADABLE_IMAGES:
+                raise ValueError(
+                    "MODEL.RETINANET.CROWD_IGNORE and DATALOADER.SKIP_UNREADABLE_IMAGES cannot be "
+                    "combined yet: the crowd-keeping mapper does not skip images; turn one off"
+                )
+            # detectron2's mapper drops crowd regions; the model needs them to ignore their
+            # anchors.
+            mapper = CrowdDatasetMapper(cfg, is_train=True)
+            return BatchRecorder(build_detection_train_loader(cfg, mapper=mapper), skipped=None)
         loader, mapper = build_robust_train_loader(cfg)
         return BatchRecorder(loader, skipped=mapper.skipped if mapper.skip_unreadable else None)
 
@@ -137,11 +156,28 @@ class Trainer(DefaultTrainer):
         # same AP, at very different speeds on large sets.
         return build_coco_evaluator(dataset_name, output_dir=output_folder)
 
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluates with test-time augmentation (TEST.AUG.*); result keys end in "_TTA"."""
+        logging.getLogger("detectron2.trainer").info(
+            "Running inference with test-time augmentation ..."
+        )
+        evaluators = [
+            cls.build_evaluator(cfg, name, output_folder=_inference_dir(cfg, name, "inference_TTA"))
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, FocalRetinaNetWithTTA(cfg, model), evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in res.items())
+
     def build_hooks(self):
+        ret = super().build_hooks()
+        if self.cfg.TEST.AUG.ENABLED:
+            # After the final plain evaluation, as detectron2's R-CNN train_net.py does.
+            ret.append(hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model)))
         # Appended last: it runs after EvalHook's final evaluation has saved the detections.
-        hooks = super().build_hooks() + [PredictionsPicture()]
+        ret.append(PredictionsPicture())
         skipped = getattr(self._trainer.data_loader, "skipped", None)
-        return hooks + ([SkippedImagesHook(skipped)] if skipped is not None else [])
+        return ret + ([SkippedImagesHook(skipped)] if skipped is not None else [])
 
 
 def _merged_cfg(args):
@@ -184,6 +220,8 @@ def main(args):
         )
         stale_version = results_version(cfg)
         res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
         save_predictions_picture(cfg, stale_version)

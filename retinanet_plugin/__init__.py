@@ -24,6 +24,7 @@ from .head import RETINANET_HEAD_REGISTRY, FocalRetinaNetHead, build_retinanet_h
 from .loss_normalizer import LossNormalizer
 from .meta_arch import FocalRetinaNet
 from .proposal_generator import FocalRPN
+from .test_time_augmentation import FocalRetinaNetWithTTA
 
 __all__ = [
     "CLS_LOSS_REGISTRY",
@@ -38,6 +39,7 @@ __all__ = [
     "FocalRPN",
     "FocalRetinaNet",
     "FocalRetinaNetHead",
+    "FocalRetinaNetWithTTA",
     "LossNormalizer",
     "RETINANET_HEAD_REGISTRY",
     "RetinaNetCheckpointer",

@@ -56,6 +56,7 @@ def add_retinanet_plugin_config(cfg: CN) -> CN:
     # their label.
     _set_default(ohem, "POSITIVE_FRACTION", -1.0)
 
+    _add_test_time_and_crowd_config(cfg.MODEL.RETINANET)
     add_mobilenet_config(cfg)
 
     # ---- Own data (retinanet_plugin.data.registration, train_net.py setup()) ----------------
@@ -74,6 +75,38 @@ def add_retinanet_plugin_config(cfg: CN) -> CN:
     # the run stops with the file name.
     _set_default(cfg.DATALOADER, "SKIP_UNREADABLE_IMAGES", False)
     return cfg
+
+
+def _add_test_time_and_crowd_config(rcfg: CN) -> None:
+    """NMS, score-threshold and crowd-region keys (issue 9, "Test-time accuracy").
+
+    Test-time augmentation itself uses detectron2's own TEST.AUG.{ENABLED, MIN_SIZES, MAX_SIZE,
+    FLIP} keys. The defaults give detectron2's RetinaNet behaviour.
+    """
+    # Per-class score thresholds: K values replacing SCORE_THRESH_TEST class by class; empty =
+    # SCORE_THRESH_TEST (0.05 in Sec. 4, "Inference") for every class.
+    _set_default(rcfg, "SCORE_THRESH_TEST_PER_CLASS", [])
+    # Final suppression: "hard" (the paper's NMS at NMS_THRESH_TEST), "soft_linear" (soft-NMS,
+    # Bodla et al. 2017: a score times 1 - IoU where IoU > NMS_THRESH_TEST) or "soft_gaussian"
+    # (a score times exp(-IoU^2 / SOFT_NMS_SIGMA)).
+    _set_default(rcfg, "NMS_TYPE", "hard")
+    # sigma of the Gaussian soft-NMS decay (0.5 in Bodla et al.).
+    _set_default(rcfg, "SOFT_NMS_SIGMA", 0.5)
+    # Soft-NMS drops a detection once its decayed score is <= this (0.001 in Bodla et al.).
+    _set_default(rcfg, "SOFT_NMS_SCORE_THRESH", 0.001)
+    # One suppression over all classes instead of one per class.
+    _set_default(rcfg, "NMS_CLASS_AGNOSTIC", False)
+    # Box voting after NMS (Detectron's TEST.BBOX_VOTE): each kept box becomes the score-weighted
+    # mean of the candidates of its class whose IoU with it is >= BOX_VOTING_IOU_THRESH.
+    _set_default(rcfg, "BOX_VOTING", False)
+    _set_default(rcfg, "BOX_VOTING_IOU_THRESH", 0.8)
+    # Crowd regions (COCO iscrowd=1), which detectron2's DatasetMapper drops. With CROWD_IGNORE
+    # the training loader keeps them (marked instances.gt_is_crowd) and anchors labelled
+    # background whose intersection with a crowd box exceeds CROWD_IOA_THRESH of the anchor's
+    # area are ignored instead (Detectron's CROWD_FILTER_THRESH, 0.7). Crowd boxes never become
+    # foreground either way.
+    _set_default(rcfg, "CROWD_IGNORE", False)
+    _set_default(rcfg, "CROWD_IOA_THRESH", 0.7)
 
 
 def _set_default(node: CN, key: str, value) -> None:

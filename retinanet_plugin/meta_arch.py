@@ -16,7 +16,7 @@ Shape shorthand:
 """
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,13 +29,14 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
-from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
+from detectron2.structures import Boxes, ImageList, Instances, pairwise_ioa, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from .box_regression import check_box_reg_loss_type, dense_box_reg_loss
 from .head import build_retinanet_head, head_input_shapes
 from .loss_normalizer import LossNormalizer, build_loss_normalizer
 from .losses import build_cls_loss
+from .nms import SOFT_NMS_METHODS, box_voting, soft_nms
 
 __all__ = ["FocalRetinaNet", "build_anchor_matcher", "check_gt_classes"]
 
@@ -118,6 +119,36 @@ def _describe_input(index: int, inputs: Dict[str, Any]) -> str:
     return f"image {index} of the batch" + (f" ({', '.join(fields)})" if fields else "")
 
 
+# Values of MODEL.RETINANET.NMS_TYPE: the paper's NMS, or soft-NMS with one of its decays.
+NMS_TYPES = ("hard",) + tuple(f"soft_{method}" for method in SOFT_NMS_METHODS)
+
+
+def _test_time_options(rcfg) -> Dict[str, Any]:
+    """Constructor arguments of the NMS, threshold and crowd keys, checked, naming the key."""
+    per_class = list(rcfg.SCORE_THRESH_TEST_PER_CLASS)
+    if per_class and len(per_class) != rcfg.NUM_CLASSES:
+        raise ValueError(
+            f"MODEL.RETINANET.SCORE_THRESH_TEST_PER_CLASS needs NUM_CLASSES = {rcfg.NUM_CLASSES} "
+            f"values (or none), got {len(per_class)}: {per_class}"
+        )
+    if rcfg.NMS_TYPE not in NMS_TYPES:
+        raise ValueError(f"MODEL.RETINANET.NMS_TYPE = {rcfg.NMS_TYPE!r} is not one of {NMS_TYPES}")
+    if not rcfg.SOFT_NMS_SIGMA > 0:
+        raise ValueError(f"MODEL.RETINANET.SOFT_NMS_SIGMA must be > 0, got {rcfg.SOFT_NMS_SIGMA}")
+    for key in ("BOX_VOTING_IOU_THRESH", "CROWD_IOA_THRESH"):
+        if not 0 <= rcfg[key] <= 1:
+            raise ValueError(f"MODEL.RETINANET.{key} must be in [0, 1], got {rcfg[key]}")
+    return {
+        "test_score_thresh_per_class": per_class or None,
+        "nms_type": rcfg.NMS_TYPE,
+        "soft_nms_sigma": rcfg.SOFT_NMS_SIGMA,
+        "soft_nms_score_thresh": rcfg.SOFT_NMS_SCORE_THRESH,
+        "nms_class_agnostic": rcfg.NMS_CLASS_AGNOSTIC,
+        "box_voting_iou_thresh": rcfg.BOX_VOTING_IOU_THRESH if rcfg.BOX_VOTING else None,
+        "crowd_ioa_thresh": rcfg.CROWD_IOA_THRESH if rcfg.CROWD_IGNORE else None,
+    }
+
+
 @META_ARCH_REGISTRY.register()
 class FocalRetinaNet(DenseDetector):
     """RetinaNet (Sec. 4): FPN backbone, a dense head, focal loss plus box regression.
@@ -151,6 +182,13 @@ class FocalRetinaNet(DenseDetector):
         test_nms_thresh: float = 0.5,
         max_detections_per_image: int = 100,
         input_format: str = "BGR",
+        test_score_thresh_per_class: Optional[Sequence[float]] = None,
+        nms_type: str = "hard",
+        soft_nms_sigma: float = 0.5,
+        soft_nms_score_thresh: float = 0.001,
+        nms_class_agnostic: bool = False,
+        box_voting_iou_thresh: Optional[float] = None,
+        crowd_ioa_thresh: Optional[float] = None,
     ):
         """
         Args:
@@ -178,6 +216,19 @@ class FocalRetinaNet(DenseDetector):
             test_nms_thresh (float): IoU threshold of the per-class NMS (0.5).
             max_detections_per_image (int): detections kept per image after NMS (100).
             input_format (str): channel order of input images, for visualisation.
+            test_score_thresh_per_class (Sequence[float], optional): K score thresholds, one per
+                class, replacing ``test_score_thresh``.
+            nms_type (str): "hard" (the paper's NMS), "soft_linear" or "soft_gaussian"
+                (soft-NMS, Bodla et al. 2017, see :func:`soft_nms`).
+            soft_nms_sigma (float): sigma of the Gaussian soft-NMS decay exp(-IoU^2 / sigma).
+            soft_nms_score_thresh (float): soft-NMS drops boxes whose decayed score is <= this.
+            nms_class_agnostic (bool): one NMS over all classes instead of one per class.
+            box_voting_iou_thresh (float, optional): if set, each kept box becomes the
+                score-weighted mean of the candidates of its class with IoU >= this
+                (:func:`box_voting`).
+            crowd_ioa_thresh (float, optional): if set, background anchors whose intersection
+                with a crowd box (``gt_is_crowd`` instances) exceeds this fraction of the anchor's
+                area are ignored in training. Crowd instances never become foreground.
         """
         super().__init__(
             backbone,
@@ -199,6 +250,21 @@ class FocalRetinaNet(DenseDetector):
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
         self.input_format = input_format
+        if nms_type not in NMS_TYPES:
+            raise ValueError(f"nms_type must be one of {NMS_TYPES}, got {nms_type!r}")
+        per_class = list(test_score_thresh_per_class or [])
+        if per_class and len(per_class) != num_classes:
+            raise ValueError(
+                f"test_score_thresh_per_class needs one threshold per class ({num_classes}), got "
+                f"{len(per_class)}"
+            )
+        self.test_score_thresh_per_class = per_class or None
+        self.nms_type = nms_type
+        self.soft_nms_sigma = soft_nms_sigma
+        self.soft_nms_score_thresh = soft_nms_score_thresh
+        self.nms_class_agnostic = nms_class_agnostic
+        self.box_voting_iou_thresh = box_voting_iou_thresh
+        self.crowd_ioa_thresh = crowd_ioa_thresh
 
     @classmethod
     def from_config(cls, cfg) -> Dict[str, Any]:
@@ -213,6 +279,7 @@ class FocalRetinaNet(DenseDetector):
         anchor_matcher = build_anchor_matcher(
             rcfg.IOU_THRESHOLDS, rcfg.IOU_LABELS, rcfg.ALLOW_LOW_QUALITY_MATCHES
         )
+        test_options = _test_time_options(rcfg)
         box_reg_loss_type = check_box_reg_loss_type(
             rcfg.BBOX_REG_LOSS_TYPE, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE"
         )
@@ -241,6 +308,7 @@ class FocalRetinaNet(DenseDetector):
             "test_nms_thresh": rcfg.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "input_format": cfg.INPUT.FORMAT,
+            **test_options,
         }
 
     # ---------------------------------------------------------------------------------------
@@ -292,7 +360,10 @@ class FocalRetinaNet(DenseDetector):
 
         Args:
             anchors (Boxes): (R, 4) anchors of all levels, shared by the images.
-            gt_instances (list[Instances]): N ground truths with ``gt_boxes`` and ``gt_classes``.
+            gt_instances (list[Instances]): N ground truths with ``gt_boxes`` and ``gt_classes``;
+                an optional bool ``gt_is_crowd`` marks crowd regions (kept by
+                :class:`CrowdDatasetMapper`), which are never matched, and whose background
+                anchors become ignored when ``crowd_ioa_thresh`` is set.
 
         Returns:
             Tensor: (N, R) int64 labels: -1 ignore, K background, else the matched class.
@@ -301,17 +372,29 @@ class FocalRetinaNet(DenseDetector):
         """
         labels, boxes = [], []
         for gt in gt_instances:
-            if len(gt) == 0:
-                background = torch.full_like(anchors.tensor[:, 0], self.num_classes)
-                labels.append(background.to(torch.int64))
-                boxes.append(torch.zeros_like(anchors.tensor))
-                continue
-            matched_idxs, match_labels = self.anchor_matcher(pairwise_iou(gt.gt_boxes, anchors))
-            labels_i = gt.gt_classes[matched_idxs]
-            labels_i = labels_i.masked_fill(match_labels == 0, self.num_classes)
-            labels.append(labels_i.masked_fill(match_labels == -1, -1))
-            boxes.append(gt.gt_boxes.tensor[matched_idxs])
+            crowd_boxes = None
+            if gt.has("gt_is_crowd"):
+                crowd_boxes = gt.gt_boxes[gt.gt_is_crowd]
+                gt = gt[~gt.gt_is_crowd]
+            labels_i, boxes_i = self._label_one_image(anchors, gt)
+            if self.crowd_ioa_thresh is not None and crowd_boxes is not None and len(crowd_boxes):
+                # Intersection over the anchor's area (as Detectron's CROWD_FILTER_THRESH): an
+                # anchor mostly inside a crowd region may cover an unlabelled object.
+                in_crowd = pairwise_ioa(crowd_boxes, anchors).amax(dim=0) > self.crowd_ioa_thresh
+                labels_i = labels_i.masked_fill(in_crowd & (labels_i == self.num_classes), -1)
+            labels.append(labels_i)
+            boxes.append(boxes_i)
         return torch.stack(labels), torch.stack(boxes)
+
+    def _label_one_image(self, anchors: Boxes, gt: Instances) -> Tuple[Tensor, Tensor]:
+        """(R,) labels and (R, 4) matched boxes of one image's non-crowd ground truth."""
+        if len(gt) == 0:
+            background = torch.full_like(anchors.tensor[:, 0], self.num_classes)
+            return background.to(torch.int64), torch.zeros_like(anchors.tensor)
+        matched_idxs, match_labels = self.anchor_matcher(pairwise_iou(gt.gt_boxes, anchors))
+        labels = gt.gt_classes[matched_idxs]
+        labels = labels.masked_fill(match_labels == 0, self.num_classes)
+        return labels.masked_fill(match_labels == -1, -1), gt.gt_boxes.tensor[matched_idxs]
 
     def losses(
         self,
@@ -409,9 +492,40 @@ class FocalRetinaNet(DenseDetector):
             list[Instances]: N results with ``pred_boxes`` (float32), ``scores`` (float32) and
             ``pred_classes``, at most ``max_detections_per_image`` each, by decreasing score.
         """
+        per_image = self.candidates(anchors, pred_logits, pred_deltas, len(image_sizes))
+        return [
+            self.select_detections(boxes, scores, classes, image_size)
+            for (boxes, scores, classes), image_size in zip(per_image, image_sizes)
+        ]
+
+    def candidates(
+        self,
+        anchors: List[Boxes],
+        pred_logits: List[Tensor],
+        pred_deltas: List[Tensor],
+        num_images: int,
+    ) -> List[Tuple[Tensor, Tensor, Tensor]]:
+        """Each image's decoded candidates before NMS: above the score threshold(s), at most
+        ``test_topk_candidates`` per level. :class:`FocalRetinaNetWithTTA` pools them over the
+        augmentations of an image before one :meth:`select_detections`.
+
+        Args:
+            anchors, pred_logits, pred_deltas: as in :meth:`inference`.
+            num_images (int): N.
+
+        Returns:
+            list[tuple[Tensor, Tensor, Tensor]]: N (boxes (C_i, 4) float32 XYXY, unclipped, in
+            the input image's coordinates; scores (C_i,) float32; classes (C_i,) int64).
+        """
         thresh = _logit(self.test_score_thresh)
+        class_thresh = None
+        if self.test_score_thresh_per_class is not None:
+            class_thresh = torch.tensor(
+                [_logit(t) for t in self.test_score_thresh_per_class], device=self.device
+            )
+            thresh = class_thresh.min().item()
         levels = [
-            self._level_candidates(a, x, d, thresh)
+            self._level_candidates(a, x, d, thresh, class_thresh)
             for a, x, d in zip(anchors, pred_logits, pred_deltas)
         ]
         image_idx, logits, classes, deltas, anchor_boxes = (cat(list(t)) for t in zip(*levels))
@@ -419,33 +533,64 @@ class FocalRetinaNet(DenseDetector):
         boxes = self.box2box_transform.apply_deltas(deltas, anchor_boxes)  # float32
         scores = logits.float().sigmoid()
 
-        num_images = len(image_sizes)
         if num_images == 1:
-            per_image = [(boxes, scores, classes)]
-        else:
-            order = torch.argsort(image_idx, stable=True)
-            counts = torch.bincount(image_idx, minlength=num_images).tolist()
-            per_image = zip(
-                boxes[order].split(counts),
-                scores[order].split(counts),
-                classes[order].split(counts),
-            )
-        results = []
-        for (boxes_i, scores_i, classes_i), image_size in zip(per_image, image_sizes):
-            keep = batched_nms(boxes_i, scores_i, classes_i, self.test_nms_thresh)
+            return [(boxes, scores, classes)]
+        order = torch.argsort(image_idx, stable=True)
+        counts = torch.bincount(image_idx, minlength=num_images).tolist()
+        per_image = (t[order].split(counts) for t in (boxes, scores, classes))
+        return list(zip(*per_image))
+
+    def select_detections(
+        self, boxes: Tensor, scores: Tensor, classes: Tensor, image_size: Tuple[int, int]
+    ) -> Instances:
+        """NMS (per class, or class-agnostic; hard or soft), the top ``max_detections_per_image``,
+        and optionally box voting, over one image's candidates.
+
+        Args:
+            boxes (Tensor): (C, 4) XYXY.
+            scores (Tensor): (C,).
+            classes (Tensor): (C,) int64.
+            image_size (tuple[int, int]): (height, width) of the result.
+
+        Returns:
+            Instances: ``pred_boxes``, ``scores`` (soft-NMS: the decayed scores) and
+            ``pred_classes``, by decreasing score.
+        """
+        idxs = torch.zeros_like(classes) if self.nms_class_agnostic else classes
+        if self.nms_type == "hard":
+            keep = batched_nms(boxes, scores, idxs, self.test_nms_thresh)
             keep = keep[: self.max_detections_per_image]
-            results.append(
-                Instances(
-                    image_size,
-                    pred_boxes=Boxes(boxes_i[keep]),
-                    scores=scores_i[keep],
-                    pred_classes=classes_i[keep],
-                )
+            kept_scores = scores[keep]
+        else:
+            keep, kept_scores = soft_nms(
+                boxes,
+                scores,
+                idxs,
+                method=self.nms_type[len("soft_") :],
+                iou_threshold=self.test_nms_thresh,
+                sigma=self.soft_nms_sigma,
+                score_threshold=self.soft_nms_score_thresh,
+                max_detections=self.max_detections_per_image,
             )
-        return results
+        kept_boxes = boxes[keep]
+        if self.box_voting_iou_thresh is not None:
+            kept_boxes = box_voting(
+                kept_boxes, idxs[keep], boxes, scores, idxs, self.box_voting_iou_thresh
+            )
+        return Instances(
+            image_size,
+            pred_boxes=Boxes(kept_boxes),
+            scores=kept_scores,
+            pred_classes=classes[keep],
+        )
 
     def _level_candidates(
-        self, anchors: Boxes, logits: Tensor, deltas: Tensor, thresh: float
+        self,
+        anchors: Boxes,
+        logits: Tensor,
+        deltas: Tensor,
+        thresh: float,
+        class_thresh: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The top-k candidates above the threshold of one level, for all images.
 
@@ -453,7 +598,8 @@ class FocalRetinaNet(DenseDetector):
             anchors (Boxes): (Hi*Wi*A, 4), in (y, x, anchor) order.
             logits (Tensor): (N, A*K, Hi, Wi).
             deltas (Tensor): (N, A*4, Hi, Wi).
-            thresh (float): logit threshold.
+            thresh (float): logit threshold; with ``class_thresh``, the smallest of them.
+            class_thresh (Tensor, optional): (K,) per-class logit thresholds.
 
         Returns:
             Tensors of the C kept candidates: image index (C,), logit (C,), class (C,),
@@ -469,14 +615,18 @@ class FocalRetinaNet(DenseDetector):
         # are tested one by one, as detectron2 does.
         located = ~(logits.amax(dim=1) <= thresh)
         cells = located.nonzero()  # (M, 3)
+        # Channel a*K + k holds class k: per-class thresholds repeat over the A anchors.
+        channel_thresh = thresh if class_thresh is None else class_thresh.repeat(num_anchors)
         if cells.shape[0] * _DENSE_FRACTION > located.numel():
             # Most locations have a candidate (an untrained head).
-            image_idx, channel, y, x, values = self._dense_candidates(logits, thresh)
+            if class_thresh is not None:
+                channel_thresh = channel_thresh[:, None, None]
+            image_idx, channel, y, x, values = self._dense_candidates(logits, channel_thresh)
         else:
             cell_image, cell_y, cell_x = cells.unbind(1)
             # Advanced indices around a slice put the indexed dim first: (M, A*K).
             cell_scores = logits[cell_image, :, cell_y, cell_x]
-            cell, channel = (cell_scores > thresh).nonzero().unbind(1)
+            cell, channel = (cell_scores > channel_thresh).nonzero().unbind(1)
             image_idx, y, x = cell_image[cell], cell_y[cell], cell_x[cell]
             values = logits[image_idx, channel, y, x]
             if values.numel() > self.test_topk_candidates:
@@ -493,7 +643,9 @@ class FocalRetinaNet(DenseDetector):
         ]
         return image_idx, values, classes, cand_deltas, anchors.tensor[anchor_idx]
 
-    def _dense_candidates(self, logits: Tensor, thresh: float) -> Tuple[Tensor, ...]:
+    def _dense_candidates(
+        self, logits: Tensor, thresh: Union[float, Tensor]
+    ) -> Tuple[Tensor, ...]:
         """The top-k candidates above the threshold of one level, image by image.
 
         Each image's candidates are cut to its top-k before the next image is searched, so the
@@ -502,7 +654,7 @@ class FocalRetinaNet(DenseDetector):
 
         Args:
             logits (Tensor): (N, A*K, Hi, Wi).
-            thresh (float): logit threshold.
+            thresh (float or Tensor): logit threshold, or (A*K, 1, 1) per channel.
 
         Returns:
             Tensors of the C kept candidates: image index, channel, y, x and logit, all (C,).

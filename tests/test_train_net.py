@@ -215,3 +215,47 @@ def test_two_processes_on_cpu(datasets_dir, tmp_path, monkeypatch):
         assert dump["changed"] > 0  # training moved the weights
     # DDP averaged the gradients: both replicas took the same steps from the same weights.
     assert _digest(ranks[0]["params"]) == _digest(ranks[1]["params"])
+
+
+def test_eval_only_with_test_time_augmentation(datasets_dir, tmp_path):
+    train_net = _load_train_net()
+    out = tmp_path / "tta"
+    opts = ["DATASETS.TEST", f"('{TINY}',)", "MODEL.WEIGHTS", ""]
+    # Random weights score near the prior 0.01: a 0.0 threshold gives COCOEvaluator detections.
+    opts += ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "100"]
+    opts += ["MODEL.RETINANET.TOPK_CANDIDATES_TEST", "100"]  # a smaller NMS: a faster test
+    opts += ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(320,)", "TEST.AUG.FLIP", "True"]
+    res = train_net.main(_args(out, *opts, eval_only=True))
+    # As detectron2's R-CNN train_net.py: the plain result and a separate "_TTA" one.
+    assert set(res) == {"bbox", "bbox_TTA"}
+    assert set(res["bbox_TTA"]) >= {"AP", "AP50", "AP75"}
+    dets = json.loads((out / "inference_TTA" / TINY / "coco_instances_results.json").read_text())
+    # 4 tiles, at most DETECTIONS_PER_IMAGE each (boxes left empty by the clipping are dropped).
+    assert 4 * 90 < len(dets) <= 4 * 100
+    # Mapped back from the 320-pixel version and its flip to the 400x400 tiles.
+    for det in dets:
+        x, y, w, h = det["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= 400 + 1e-3 and y + h <= 400 + 1e-3
+
+
+def test_crowd_ignore_train_loader_keeps_crowd_boxes(datasets_dir, tmp_path):
+    train_net = _load_train_net()
+    root = datasets_dir / "deepforest"
+    coco = json.loads((root / "val.json").read_text())
+    image_id = sorted({a["image_id"] for a in coco["annotations"]})[0]
+    coco["images"] = [img for img in coco["images"] if img["id"] == image_id]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] == image_id]
+    coco["annotations"][0]["iscrowd"] = 1  # one crown becomes a crowd region
+    path = tmp_path / "crowd.json"
+    path.write_text(json.dumps(coco))
+    name = "deepforest_tree_crowd_for_tests"
+    if name not in DatasetCatalog.list():
+        register_coco_instances(name, {"thing_classes": ["Tree"]}, str(path), str(root / "images"))
+    opts = ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "INPUT.RANDOM_FLIP", "none"]
+    cfg = train_net.setup(_args(tmp_path / "crowd", *opts, "MODEL.RETINANET.CROWD_IGNORE", "True"))
+    instances = next(iter(train_net.Trainer.build_train_loader(cfg)))[0]["instances"]
+    assert instances.gt_is_crowd.tolist() == [False] * (len(coco["annotations"]) - 1) + [True]
+    # Off (the default), detectron2's loader drops the crowd region.
+    cfg = train_net.setup(_args(tmp_path / "plain", *opts))
+    instances = next(iter(train_net.Trainer.build_train_loader(cfg)))[0]["instances"]
+    assert len(instances) == len(coco["annotations"]) - 1 and not instances.has("gt_is_crowd")

@@ -7,6 +7,7 @@ where the data lives.
 """
 
 from .coco_check import CHECK_MODES, CocoCheckError, check_coco_json, image_size, validate_coco_json
+from .crowd_mapper import CrowdDatasetMapper
 from .deepforest import (
     convert_deepforest,
     fetch_deepforest,
@@ -25,6 +26,7 @@ __all__ = [
     "build_robust_train_loader",
     "check_coco_json",
     "check_datasets",
+    "CrowdDatasetMapper",
     "convert_deepforest",
     "convert_voc_to_coco",
     "fetch_deepforest",
