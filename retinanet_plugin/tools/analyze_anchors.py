@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 import torch
 
@@ -279,62 +280,62 @@ def box_anchor_stats(
     num_fg = torch.zeros(num, dtype=torch.int64)
     if num == 0:
         return best, num_fg, best_level
-    sizes = {(int(h), int(w)) for h, w in image_hw.tolist()}
-    grids = {hw: layout.grid_sizes(*hw) for hw in sizes}
     hw_list = image_hw.tolist()
-    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    area_b = bw * bh
+    grids = {(h, w): layout.grid_sizes(h, w) for h, w in set(map(tuple, hw_list))}
     for level, (cells, stride) in enumerate(zip(layout.cell_anchors, layout.strides)):
-        grid = torch.tensor([grids[(h, w)][level] for h, w in hw_list], dtype=torch.int64)
+        # One row per (box, cell anchor) pair: P = B x A.
+        a = len(cells)
+        pair_box = boxes.repeat_interleave(a, dim=0)
+        pair_cell = cells.repeat(num, 1)
+        grid = torch.tensor([grids[(h, w)][level] for h, w in hw_list]).repeat_interleave(a, 0)
         start = layout.offset * stride  # centre of grid point 0, as detectron2's shifts
-        for cell in cells:
-            aw, ah = float(cell[2] - cell[0]), float(cell[3] - cell[1])
-            acx, acy = float(cell[0] + cell[2]) / 2, float(cell[1] + cell[3]) / 2
-            nx = torch.round((cx - acx - start) / stride).long().clamp_(min=0)
-            nx = torch.minimum(nx, grid[:, 1] - 1)
-            ny = torch.round((cy - acy - start) / stride).long().clamp_(min=0)
-            ny = torch.minimum(ny, grid[:, 0] - 1)
-            i_min = fg_threshold * (area_b + aw * ah) / (1 + fg_threshold)
-            reach_x = (bw + aw) / 2 - i_min / torch.clamp(torch.minimum(bh, bh.new_tensor(ah)),
-                                                           min=1e-12)
-            reach_y = (bh + ah) / 2 - i_min / torch.clamp(torch.minimum(bw, bw.new_tensor(aw)),
-                                                           min=1e-12)
-            can_fg = (reach_x >= 0) & (reach_y >= 0)
-            # +1: the nearest point is up to half a cell from the centre, and clipping to the grid.
-            radius = torch.where(
-                can_fg,
-                torch.ceil(torch.maximum(reach_x, reach_y) / stride).long() + 1,
-                torch.zeros_like(nx),
-            )
-            for r in torch.unique(radius).tolist():
-                idx = torch.nonzero(radius == r).flatten()
-                step = max(1, _CHUNK_ELEMENTS // (2 * r + 1) ** 2)
-                for s in range(0, len(idx), step):
-                    sel = idx[s: s + step]
-                    iou = _window_iou(
-                        boxes[sel], nx[sel], ny[sel], grid[sel], r, cell, stride, start
-                    )
-                    b = iou.max(dim=1).values
-                    better = b > best[sel]
-                    best[sel] = torch.where(better, b, best[sel])
-                    best_level[sel] = torch.where(better, level, best_level[sel])
-                    num_fg[sel] += (iou >= fg_threshold).sum(dim=1)
+        bw, bh = pair_box[:, 2] - pair_box[:, 0], pair_box[:, 3] - pair_box[:, 1]
+        aw, ah = pair_cell[:, 2] - pair_cell[:, 0], pair_cell[:, 3] - pair_cell[:, 1]
+        ox = (pair_box[:, 0] + pair_box[:, 2] - pair_cell[:, 0] - pair_cell[:, 2]) / 2 - start
+        oy = (pair_box[:, 1] + pair_box[:, 3] - pair_cell[:, 1] - pair_cell[:, 3]) / 2 - start
+        nx = torch.minimum(torch.round(ox / stride).long().clamp(min=0), grid[:, 1] - 1)
+        ny = torch.minimum(torch.round(oy / stride).long().clamp(min=0), grid[:, 0] - 1)
+        i_min = fg_threshold * (bw * bh + aw * ah) / (1 + fg_threshold)
+        reach_x = (bw + aw) / 2 - i_min / torch.minimum(bh, ah).clamp(min=1e-12)
+        reach_y = (bh + ah) / 2 - i_min / torch.minimum(bw, aw).clamp(min=1e-12)
+        # +1: the nearest point is up to half a cell from the centre, or clipped to the grid.
+        radius = torch.where(
+            (reach_x >= 0) & (reach_y >= 0),
+            torch.ceil(torch.maximum(reach_x, reach_y) / stride).long() + 1,
+            torch.zeros_like(nx),
+        )
+        pair_best = torch.zeros(len(radius))
+        pair_fg = torch.zeros(len(radius), dtype=torch.int64)
+        for r in torch.unique(radius).tolist():
+            idx = torch.nonzero(radius == r).flatten()
+            step = max(1, _CHUNK_ELEMENTS // (2 * r + 1) ** 2)
+            for s in range(0, len(idx), step):
+                sel = idx[s: s + step]
+                iou = _window_iou(pair_box[sel], pair_cell[sel], nx[sel], ny[sel], grid[sel], r,
+                                  stride, start)
+                pair_best[sel] = iou.max(dim=1).values
+                pair_fg[sel] = (iou >= fg_threshold).sum(dim=1)
+        level_best = pair_best.view(num, a).max(dim=1).values
+        better = level_best > best
+        best = torch.where(better, level_best, best)
+        best_level = torch.where(better, torch.full_like(best_level, level), best_level)
+        num_fg += pair_fg.view(num, a).sum(dim=1)
     return best, num_fg, best_level
 
 
-def _window_iou(boxes, nx, ny, grid, radius, cell, stride, start):
-    """(b, K) IoU of b boxes with one cell anchor at the (2r+1)^2 grid points around (nx, ny);
-    points off the grid get -1. Arithmetic as detectron2's anchors and ``pairwise_iou``."""
+def _window_iou(boxes, cells, nx, ny, grid, radius, stride, start):
+    """(P, K) IoU of P boxes, each with its cell anchor placed at the (2r+1)^2 grid points
+    around (nx, ny); points off the grid get -1. Arithmetic as detectron2's anchors (shift +
+    cell anchor, float32) and ``pairwise_iou``."""
     offsets = torch.arange(-radius, radius + 1)
-    gx = (nx[:, None] + offsets[None, :])[:, None, :].expand(-1, len(offsets), -1)
-    gy = (ny[:, None] + offsets[None, :])[:, :, None].expand(-1, -1, len(offsets))
-    valid = (gx >= 0) & (gx < grid[:, 1, None, None]) & (gy >= 0) & (gy < grid[:, 0, None, None])
-    gx, gy, valid = gx.reshape(len(boxes), -1), gy.reshape(len(boxes), -1), valid.reshape(
-        len(boxes), -1)
+    k = len(offsets)
+    gx = (nx[:, None] + offsets[None, :])[:, None, :].expand(-1, k, -1).reshape(len(boxes), -1)
+    gy = (ny[:, None] + offsets[None, :])[:, :, None].expand(-1, -1, k).reshape(len(boxes), -1)
+    valid = (gx >= 0) & (gx < grid[:, 1:2]) & (gy >= 0) & (gy < grid[:, 0:1])
     sx = gx.float() * stride + start
     sy = gy.float() * stride + start
-    ax0, ay0, ax1, ay1 = sx + cell[0], sy + cell[1], sx + cell[2], sy + cell[3]
+    ax0, ay0 = sx + cells[:, 0:1], sy + cells[:, 1:2]
+    ax1, ay1 = sx + cells[:, 2:3], sy + cells[:, 3:4]
     iw = (torch.minimum(ax1, boxes[:, 2:3]) - torch.maximum(ax0, boxes[:, 0:1])).clamp(min=0)
     ih = (torch.minimum(ay1, boxes[:, 3:4]) - torch.maximum(ay0, boxes[:, 1:2])).clamp(min=0)
     inter = iw * ih
@@ -410,9 +411,10 @@ def _row(cov: Coverage, mask: np.ndarray, label: str) -> Dict[str, Any]:
     }
 
 
-def coverage_tables(cov: Coverage) -> Dict[str, Any]:
-    """Summary, per-bucket rows (area, side quartiles, aspect ratio, training size), and the
-    distribution of foreground anchors per box."""
+def coverage_tables(cov: Coverage, level_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Summary, per-bucket rows (area, side quartiles, aspect ratio, training size), the
+    distribution of foreground anchors per box, and how many boxes have their best anchor on
+    each level (named by ``level_names``, e.g. the head's IN_FEATURES)."""
     side = np.sqrt(cov.area)
     tables: Dict[str, Any] = {"summary": _row(cov, np.ones(len(side), bool), "all")}
     tables["by_area"] = [_row(cov, (cov.area >= lo) & (cov.area < hi), name)
@@ -437,7 +439,9 @@ def coverage_tables(cov: Coverage) -> Dict[str, Any]:
             int(((cov.num_fg >= lo) & (cov.num_fg <= hi)).sum())
         for lo, hi in POSITIVE_BINS
     }
-    tables["best_level"] = np.bincount(cov.best_level, minlength=0).tolist()
+    counts = np.bincount(cov.best_level, minlength=len(level_names or ())).tolist()
+    names = list(level_names) if level_names else [str(i) for i in range(len(counts))]
+    tables["best_level"] = dict(zip(names, counts))
     return tables
 
 
@@ -533,8 +537,8 @@ def propose_anchors(
     """Searches anchor sizes and aspect ratios that cover more boxes.
 
     Sizes: the config's SIZES times one factor (so each level keeps its scales per octave and
-    its own size range), on a grid of 2^(k/4) from 1/8 to 4, then refined in steps of 2^(1/24)
-    around the best. Aspect ratios: the config's, and as many fitted to the boxes
+    its own size range), on a grid of 2^(k/2) from 1/8 to 4, then refined in steps of 2^(1/8)
+    and 2^(1/24) around the best. Aspect ratios: the config's, and as many fitted to the boxes
     (:func:`_ratio_candidates`). Each candidate is scored on up to ``max_search_pairs``
     box-and-size pairs (a seeded sample) by covered pairs, then mean best IoU; the winner is
     measured on every box and proposed only if it covers more boxes than the config (or as many,
@@ -548,26 +552,32 @@ def propose_anchors(
     if len(box_set.boxes) > per_image:
         keep = np.sort(np.random.default_rng(seed).choice(len(box_set.boxes), per_image, False))
         sample = BoxSet(box_set.boxes[keep], box_set.image_hw[keep], box_set.num_images)
+    work_cfg = _with_anchors(cfg, sizes0, ratios0)  # one clone, its anchor keys set per candidate
 
     def measure(boxes: BoxSet, sizes, ratios) -> Coverage:
-        c = _with_anchors(cfg, sizes, ratios)
-        return measure_coverage(boxes, c, anchor_layout(c, shapes, divisibility, square_size),
-                                short_edges)
+        work_cfg.MODEL.ANCHOR_GENERATOR.SIZES = [list(s) for s in sizes]
+        work_cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [list(r) for r in ratios]
+        layout = anchor_layout(work_cfg, shapes, divisibility, square_size)
+        return measure_coverage(boxes, work_cfg, layout, short_edges)
 
     first = measure(sample, sizes0, ratios0)
     ratio_sets = _ratio_candidates(first.aspect, ratios0)
-    scored: Dict[Tuple[float, int], Tuple[int, float]] = {}
+    scored: Dict[Tuple[float, int], Tuple[int, float]] = {(1.0, 0): first.objective()}
 
-    def score(factor: float, r: int) -> Tuple[int, float]:
+    def score(candidate: Tuple[float, int]) -> Tuple[Tuple[int, float], bool]:
+        factor, r = candidate
         key = (round(factor, 6), r)
         if key not in scored:
             scored[key] = measure(sample, _scaled(sizes0, factor), ratio_sets[r]).objective()
-        return scored[key]
+        return scored[key], key == (1.0, 0)  # ties go to the config's own anchors
 
-    coarse = [(2.0 ** (k / 4), r) for r in range(len(ratio_sets)) for k in range(-12, 9)]
-    factor, r = max(coarse, key=lambda c: (score(*c), c[0] == 1.0 and c[1] == 0))
-    fine = [(factor * 2.0 ** (j / 24), r) for j in range(-3, 4)]
-    factor, r = max(fine, key=lambda c: score(*c))
+    # Coarse to fine over the size factor: steps of 2^(1/2) from 1/8 to 4 with every ratio set,
+    # then 2^(1/8) and 2^(1/24) around the best.
+    factor, r = max(((2.0 ** (k / 2), r) for r in range(len(ratio_sets)) for k in range(-6, 5)),
+                    key=score)
+    for step, reach in ((8, 3), (24, 2)):
+        factor, r = max(((factor * 2.0 ** (j / step), r) for j in range(-reach, reach + 1)),
+                        key=score)
     logger.info("Scored %d anchor candidates on %d boxes", len(scored), len(sample.boxes))
 
     if baseline is None:
@@ -586,26 +596,58 @@ def propose_anchors(
 
 def save_histogram(path: str, current: Coverage, proposal: Optional[Proposal],
                    bg_threshold: float) -> str:
-    """PNG histogram of every box's best anchor IoU (and the proposal's), thresholds marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    bins = np.linspace(0, 1, 51)
-    ax.hist(current.best_iou, bins=bins, alpha=0.6, label="config's anchors")
+    """PNG histogram of every box's best anchor IoU, in bins of 0.02, with the proposal's beside
+    it when it differs; the matcher's thresholds are marked. Drawn with OpenCV (milliseconds,
+    where importing matplotlib takes seconds)."""
+    series = [(current.best_iou, (200, 120, 40), "config's anchors")]
     if proposal is not None and proposal.improved:
-        ax.hist(proposal.coverage.best_iou, bins=bins, alpha=0.6, label="proposed anchors")
-    ax.axvline(current.fg_threshold, color="green", ls="--",
-               label=f"foreground >= {current.fg_threshold:g}")
-    ax.axvline(bg_threshold, color="red", ls=":", label=f"background < {bg_threshold:g}")
-    ax.set_xlabel("best anchor IoU of a ground-truth box (training scale)")
-    ax.set_ylabel("boxes")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        series.append((proposal.coverage.best_iou, (40, 140, 240), "proposed anchors"))
+    bins = 50
+    counts = [np.histogram(np.clip(v, 0, 1), bins=bins, range=(0, 1))[0] for v, _, _ in series]
+    top = max(1, max(int(c.max()) for c in counts))
+    width, height, left, right, bottom, upper = 860, 420, 70, 20, 60, 50
+    plot_w, plot_h = width - left - right, height - bottom - upper
+    img = np.full((height, width, 3), 255, np.uint8)
+    bar = plot_w / bins
+
+    def x_of(iou: float) -> int:
+        return int(round(left + iou * plot_w))
+
+    def y_of(count: float) -> int:
+        return int(round(upper + plot_h * (1 - count / top)))
+
+    for k, (c, (_, color, _)) in enumerate(zip(counts, series)):
+        share = bar / len(series)
+        for i, n in enumerate(c.tolist()):
+            if n:
+                x0 = int(round(left + i * bar + k * share))
+                cv2.rectangle(img, (x0, y_of(n)), (int(round(x0 + share)) - 1, y_of(0)), color,
+                              -1)
+    black, font = (0, 0, 0), cv2.FONT_HERSHEY_SIMPLEX
+    cv2.line(img, (left, upper), (left, y_of(0)), black, 1)
+    cv2.line(img, (left, y_of(0)), (left + plot_w, y_of(0)), black, 1)
+    for t in np.linspace(0, 1, 11):
+        cv2.line(img, (x_of(t), y_of(0)), (x_of(t), y_of(0) + 5), black, 1)
+        cv2.putText(img, f"{t:.1f}", (x_of(t) - 10, y_of(0) + 20), font, 0.4, black, 1)
+    for n in np.linspace(0, top, 5):
+        cv2.putText(img, f"{n:.0f}", (8, y_of(n) + 4), font, 0.4, black, 1)
+    for thr, color, text in ((current.fg_threshold, (0, 150, 0), "foreground >="),
+                             (bg_threshold, (0, 0, 200), "background <")):
+        for y in range(upper, y_of(0), 8):  # dashed
+            cv2.line(img, (x_of(thr), y), (x_of(thr), min(y + 4, y_of(0))), color, 1)
+    cv2.putText(img, "best anchor IoU of each ground-truth box (training scale); boxes per bin",
+                (left, height - 15), font, 0.45, black, 1)
+    legend = [(color, f"{name} ({len(v)})") for v, color, name in series] + [
+        ((0, 150, 0), f"foreground >= {current.fg_threshold:g}"),
+        ((0, 0, 200), f"background < {bg_threshold:g}"),
+    ]
+    x = left
+    for color, text in legend:
+        cv2.rectangle(img, (x, 18), (x + 12, 30), color, -1)
+        cv2.putText(img, text, (x + 16, 29), font, 0.42, black, 1)
+        x += 24 + cv2.getTextSize(text, font, 0.42, 1)[0][0]
+    if not cv2.imwrite(path, img):
+        raise OSError(f"could not write {path}")
     return path
 
 
@@ -641,6 +683,7 @@ def analyze(cfg: CfgNode, datasets: Sequence[str], *, max_search_pairs: int = 20
     shapes, divisibility, square = backbone_shapes(cfg)
     layout = anchor_layout(cfg, shapes, divisibility, square)
     current = measure_coverage(box_set, cfg, layout, short_edges)
+    levels = list(cfg.MODEL.RETINANET.IN_FEATURES)
     report: Dict[str, Any] = {
         "datasets": list(datasets),
         "images": box_set.num_images,
@@ -658,7 +701,7 @@ def analyze(cfg: CfgNode, datasets: Sequence[str], *, max_search_pairs: int = 20
             "strides": layout.strides,
             "offset": layout.offset,
         },
-        "coverage": coverage_tables(current),
+        "coverage": coverage_tables(current, levels),
     }
     proposal = None
     if propose:
@@ -671,7 +714,7 @@ def analyze(cfg: CfgNode, datasets: Sequence[str], *, max_search_pairs: int = 20
             "sizes": proposal.sizes,
             "aspect_ratios": proposal.aspect_ratios,
             "config_lines": proposal.config_lines(),
-            "coverage": coverage_tables(proposal.coverage),
+            "coverage": coverage_tables(proposal.coverage, levels),
         }
     return report, current, proposal
 
@@ -697,8 +740,8 @@ def format_report(report: Dict[str, Any]) -> str:
     out += [format_table([s], "all boxes"), ""]
     out.append("foreground anchors per box: " + ", ".join(
         f"{k}: {v}" for k, v in cov["fg_anchors_per_box"].items()))
-    out.append("best anchor's level (P-index order): " + ", ".join(
-        f"{i}: {n}" for i, n in enumerate(cov["best_level"])))
+    out.append("boxes whose best anchor is on each level: " + ", ".join(
+        f"{k}: {n}" for k, n in cov["best_level"].items()))
     prop = report.get("proposal")
     if prop:
         ps = prop["coverage"]["summary"]
