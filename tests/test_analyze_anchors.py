@@ -308,7 +308,7 @@ def test_cli_on_demo_data(demo_json, tmp_path, capsys):
     config = f"{CONFIGS}/demo_deepforest_mobilenet_v2_fpn.yaml"
     out = tmp_path / "out"
     report = aa.main(["--config-file", config, "--dataset", str(demo_json), "--output", str(out),
-                      "--search-pairs", "300"])
+                      "--search-pairs", "200"])
     printed = capsys.readouterr().out
     saved = json.loads((out / "anchor_report.json").read_text())
     assert saved["coverage"] == report["coverage"]
