@@ -242,8 +242,9 @@ def _propose(cfg, box_set, short):
 
 
 def test_proposal_covers_tiny_boxes():
-    """14-20 px boxes, anchors from 32 px (IoU <= 20^2 / 32^2 = 0.39): nothing covered; the proposal scales every size by one
-    factor (each level keeps its three scales per octave) and covers almost all of them."""
+    """14-20 px boxes, anchors from 32 px (IoU <= 20^2 / 32^2 = 0.39): nothing covered; the
+    proposal scales every size by one factor (each level keeps its three scales per octave) and
+    covers almost all of them."""
     height, width = 256, 320
     cfg = _cfg(min_size=(height,), max_size=width)
     rng = np.random.default_rng(3)

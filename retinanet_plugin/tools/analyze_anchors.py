@@ -106,7 +106,8 @@ def training_short_edges(cfg: CfgNode) -> List[int]:
     if style == "range":
         if len(sizes) != 2:
             raise ValueError(
-                f"INPUT.MIN_SIZE_TRAIN {sizes} must be [min, max] with MIN_SIZE_TRAIN_SAMPLING range"
+                f"INPUT.MIN_SIZE_TRAIN {sizes} must be [min, max] with "
+                "MIN_SIZE_TRAIN_SAMPLING range"
             )
         return sorted({int(round(x)) for x in np.linspace(sizes[0], sizes[1], 5)})
     if style != "choice":
@@ -171,7 +172,8 @@ def anchor_layout(cfg: CfgNode, shapes: Dict[str, ShapeSpec], divisibility: int,
     if not hasattr(generator, "cell_anchors") or generator.box_dim != 4:
         raise ValueError(
             f"MODEL.ANCHOR_GENERATOR.NAME {cfg.MODEL.ANCHOR_GENERATOR.NAME!r}: only axis-aligned "
-            "generators with cell_anchors, strides and offset (DefaultAnchorGenerator) are supported"
+            "generators with cell_anchors, strides and offset (DefaultAnchorGenerator) are "
+            "supported"
         )
     return AnchorLayout(
         cell_anchors=[c.detach().float().cpu() for c in generator.cell_anchors],
@@ -631,8 +633,7 @@ def save_histogram(path: str, current: Coverage, proposal: Optional[Proposal],
         cv2.putText(img, f"{t:.1f}", (x_of(t) - 10, y_of(0) + 20), font, 0.4, black, 1)
     for n in np.linspace(0, top, 5):
         cv2.putText(img, f"{n:.0f}", (8, y_of(n) + 4), font, 0.4, black, 1)
-    for thr, color, text in ((current.fg_threshold, (0, 150, 0), "foreground >="),
-                             (bg_threshold, (0, 0, 200), "background <")):
+    for thr, color in ((current.fg_threshold, (0, 150, 0)), (bg_threshold, (0, 0, 200))):
         for y in range(upper, y_of(0), 8):  # dashed
             cv2.line(img, (x_of(thr), y), (x_of(thr), min(y + 4, y_of(0))), color, 1)
     cv2.putText(img, "best anchor IoU of each ground-truth box (training scale); boxes per bin",
@@ -697,7 +698,9 @@ def analyze(cfg: CfgNode, datasets: Sequence[str], *, max_search_pairs: int = 20
         "allow_low_quality_matches": current.allow_low_quality,
         "anchors": {
             "sizes": [list(map(float, s)) for s in cfg.MODEL.ANCHOR_GENERATOR.SIZES],
-            "aspect_ratios": [list(map(float, r)) for r in cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS],
+            "aspect_ratios": [
+                list(map(float, r)) for r in cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS
+            ],
             "strides": layout.strides,
             "offset": layout.offset,
         },
