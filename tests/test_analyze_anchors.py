@@ -17,7 +17,7 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, BoxMode, ImageList, pairwise_iou
 
 from retinanet_plugin import add_retinanet_plugin_config
-from retinanet_plugin.data.deepforest import convert_deepforest, fetch_deepforest
+from retinanet_plugin.data import convert_voc_to_coco, fetch_deepforest
 from retinanet_plugin.tools import analyze_anchors as aa
 
 CONFIGS = "configs"
@@ -299,9 +299,14 @@ def test_proposal_never_covers_fewer_boxes():
 
 @pytest.fixture(scope="module")
 def demo_json(tmp_path_factory):
-    """The DeepForest demo training split (real tree crowns), converted into a temporary folder."""
+    """Real tree crowns: the demo's two small training images (OSBS_029, SOAP_061; 98 crowns in
+    two 400x400 tiles), converted as the demo converts them. The third, a 15 MB image, is left
+    out to keep the test fast."""
     root = tmp_path_factory.mktemp("deepforest_anchors")
-    convert_deepforest(fetch_deepforest(), root)
+    raw = fetch_deepforest()
+    sources = [(raw / f"{stem}.xml", raw / f"{stem}.png") for stem in ("OSBS_029", "SOAP_061")]
+    convert_voc_to_coco(sources, root, "train",
+                        class_map={"Tree": "Tree", "Alive": "Tree", "Dead": "Tree"})
     return root / "train.json"
 
 
@@ -314,9 +319,11 @@ def test_cli_on_demo_data(demo_json, tmp_path, capsys):
     saved = json.loads((out / "anchor_report.json").read_text())
     assert saved["coverage"] == report["coverage"]
     coco = json.loads(demo_json.read_text())
-    assert saved["boxes"] == len(coco["annotations"]) and saved["images"] == len(coco["images"])
+    assert saved["boxes"] == len(coco["annotations"]) > 50
+    assert saved["images"] == len(coco["images"])
 
     # Every tile is 400x400 and trains at 400: the per-box figures equal detectron2's full grid.
+    assert {(i["height"], i["width"]) for i in coco["images"]} == {(400, 400)}
     cfg = aa.setup_cfg(config, [])
     # MobileNetV2-FPN: p3-p7 at strides 8-128, padded to 128 (its feature maps are compared with
     # the layout's in test_grid_sizes_equal_backbone_feature_maps).
@@ -348,3 +355,19 @@ def test_unknown_dataset_is_named():
         aa.load_dataset_dicts("no_such_set")
     with pytest.raises(FileNotFoundError, match="missing.json"):
         aa.load_dataset_dicts("missing.json")
+
+
+def test_config_errors_name_the_key():
+    cfg = _cfg()
+    cfg.MODEL.RETINANET.IN_FEATURES = ["p3", "p9"]
+    with pytest.raises(ValueError, match=r"IN_FEATURES names \['p9'\]"):
+        _layout(cfg)
+    cfg = _cfg()
+    cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING = "range"
+    cfg.INPUT.MIN_SIZE_TRAIN = (600, 700, 800)
+    with pytest.raises(ValueError, match="MIN_SIZE_TRAIN"):
+        aa.training_short_edges(cfg)
+    cfg = _cfg()
+    cfg.MODEL.RETINANET.IOU_LABELS = [1, -1, 0]
+    with pytest.raises(ValueError, match="must end with 1"):
+        aa.matcher_thresholds(cfg)
