@@ -82,8 +82,11 @@ def _box_set(boxes, height, width):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("offset,divisibility", [(0.0, 128), (0.5, 32)])
-def test_window_search_equals_full_grid(offset, divisibility):
+@pytest.mark.parametrize("offset,divisibility,chunked", [(0.0, 128, False), (0.5, 32, True)])
+def test_window_search_equals_full_grid(offset, divisibility, chunked, monkeypatch):
+    if chunked:  # 300 boxes in chunks of 128, IoU blocks of at most 4096 values
+        monkeypatch.setattr(aa, "_BOX_CHUNK", 128)
+        monkeypatch.setattr(aa, "_CHUNK_ELEMENTS", 4096)
     cfg = _cfg(offset=offset)
     layout = _layout(cfg, divisibility)
     rng = np.random.default_rng(0)

@@ -59,6 +59,8 @@ ASPECT_BUCKETS = (("< 1/3 (wide)", 0.0, 1 / 3), ("1/3 - 2/3", 1 / 3, 2 / 3),
 POSITIVE_BINS = ((0, 0), (1, 1), (2, 2), (3, 3), (4, 5), (6, 10), (11, 10**9))
 # Elements of one (boxes x grid positions) IoU block: bounds memory whatever the dataset size.
 _CHUNK_ELEMENTS = 1 << 22
+# Boxes per call of box_anchor_stats' level loop (about 40 floats per box and cell anchor).
+_BOX_CHUNK = 20000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +279,10 @@ def box_anchor_stats(
     """
     boxes = boxes.float()
     num = boxes.shape[0]
+    if num > _BOX_CHUNK:  # bounds the (box, cell anchor) pair tensors below
+        parts = [box_anchor_stats(boxes[i: i + _BOX_CHUNK], image_hw[i: i + _BOX_CHUNK], layout,
+                                  fg_threshold) for i in range(0, num, _BOX_CHUNK)]
+        return tuple(torch.cat(p) for p in zip(*parts))
     best = torch.zeros(num)
     best_level = torch.zeros(num, dtype=torch.int64)
     num_fg = torch.zeros(num, dtype=torch.int64)
