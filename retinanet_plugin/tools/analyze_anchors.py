@@ -200,6 +200,8 @@ class BoxSet:
     num_images: int
     skipped_crowd: int = 0
     skipped_empty: int = 0
+    # (N,) int64, non-decreasing: the image of each box; None = every box alone in its image.
+    image_index: Optional[np.ndarray] = None
 
 
 def boxes_from_dicts(dataset_dicts: Sequence[Dict[str, Any]]) -> BoxSet:
@@ -208,8 +210,8 @@ def boxes_from_dicts(dataset_dicts: Sequence[Dict[str, Any]]) -> BoxSet:
     Crowd boxes are dropped, as ``DatasetMapper`` drops them before matching; so are boxes of
     zero width or height, which ``filter_empty_instances`` drops.
     """
-    boxes, sizes, crowd, empty = [], [], 0, 0
-    for d in dataset_dicts:
+    boxes, sizes, index, crowd, empty = [], [], [], 0, 0
+    for i, d in enumerate(dataset_dicts):
         for key in ("height", "width"):
             if key not in d:
                 raise ValueError(f"image {d.get('file_name', d.get('image_id'))!r} has no {key!r}")
@@ -223,12 +225,14 @@ def boxes_from_dicts(dataset_dicts: Sequence[Dict[str, Any]]) -> BoxSet:
                 continue
             boxes.append(box)
             sizes.append((d["height"], d["width"]))
+            index.append(i)
     return BoxSet(
         boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
         image_hw=np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
         num_images=len(dataset_dicts),
         skipped_crowd=crowd,
         skipped_empty=empty,
+        image_index=np.asarray(index, dtype=np.int64),
     )
 
 
@@ -253,49 +257,69 @@ def resize_boxes(box_set: BoxSet, short_edge: int, max_size: int) -> Tuple[np.nd
 
 
 def box_anchor_stats(
-    boxes: torch.Tensor, image_hw: torch.Tensor, layout: AnchorLayout, fg_threshold: float
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    boxes: torch.Tensor,
+    image_hw: torch.Tensor,
+    layout: AnchorLayout,
+    fg_threshold: float,
+    image_index: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each box, its best IoU with any anchor and the number of anchors with IoU >=
     ``fg_threshold``, exactly as over the whole anchor grid, but evaluating only grid positions
-    that can reach the threshold.
+    that can reach the threshold; and how many of those anchors the box keeps when the matcher
+    gives each anchor to the box of its image it overlaps most.
 
     For one cell anchor, the overlap along x is a function of the distance between the anchor's
     and the box's centres that does not grow with that distance, and likewise along y; IoU grows
     with the overlap. So the best anchor of each shape sits at the grid point nearest the box
     centre (clipped to the grid), and an anchor reaches IoU t only if its x overlap is at least
     I_min / min(box h, anchor h), with I_min = t (area_box + area_anchor) / (1 + t): a window of
-    a few grid cells around the nearest point.
+    a few grid cells around the nearest point. An anchor can only be taken by a box with a higher
+    IoU, so by one for which it is foreground too: the competition is decided among these.
 
     Args:
         boxes (Tensor): (B, 4) XYXY at training scale.
         image_hw (Tensor): (B, 2) int (height, width) of each box's resized image.
         layout: anchors and padding (:func:`anchor_layout`).
         fg_threshold: IoU at or above which an anchor is foreground.
+        image_index (Tensor or None): (B,) int, non-decreasing: which boxes share an image (in
+            annotation order, as the matcher sees them). None: every box alone in its image.
 
     Returns:
         best_iou (Tensor): (B,) float32.
         num_fg (Tensor): (B,) int64.
         best_level (Tensor): (B,) int64, the level of the best anchor.
+        kept_fg (Tensor): (B,) int64, foreground anchors still matched to the box after
+            detectron2's ``Matcher`` gives each anchor to the box with the highest IoU (the first
+            of the image on ties).
     """
     boxes = boxes.float()
     num = boxes.shape[0]
-    if num > _BOX_CHUNK:  # bounds the (box, cell anchor) pair tensors below
-        parts = [box_anchor_stats(boxes[i: i + _BOX_CHUNK], image_hw[i: i + _BOX_CHUNK], layout,
-                                  fg_threshold) for i in range(0, num, _BOX_CHUNK)]
+    if image_index is None:
+        image_index = torch.arange(num)
+    if num > 1 and bool((image_index[1:] < image_index[:-1]).any()):
+        raise ValueError("image_index must be non-decreasing (the boxes of an image together)")
+    # Chunks bound the (box, cell anchor) pair tensors; an image's boxes stay together.
+    cuts = _image_aligned_cuts(image_index.numpy(), _BOX_CHUNK) if num > _BOX_CHUNK else []
+    if len(cuts) > 2:
+        parts = [box_anchor_stats(boxes[i:j], image_hw[i:j], layout, fg_threshold,
+                                  image_index[i:j]) for i, j in zip(cuts[:-1], cuts[1:])]
         return tuple(torch.cat(p) for p in zip(*parts))
     best = torch.zeros(num)
     best_level = torch.zeros(num, dtype=torch.int64)
     num_fg = torch.zeros(num, dtype=torch.int64)
     if num == 0:
-        return best, num_fg, best_level
+        return best, num_fg, best_level, num_fg.clone()
     hw_list = image_hw.tolist()
     grids = {(h, w): layout.grid_sizes(h, w) for h, w in set(map(tuple, hw_list))}
+    # Foreground (box, anchor) entries: anchor key, IoU, box.
+    keys, ious, owners = [], [], []
     for level, (cells, stride) in enumerate(zip(layout.cell_anchors, layout.strides)):
         # One row per (box, cell anchor) pair: P = B x A.
         a = len(cells)
         pair_box = boxes.repeat_interleave(a, dim=0)
         pair_cell = cells.repeat(num, 1)
         grid = torch.tensor([grids[(h, w)][level] for h, w in hw_list]).repeat_interleave(a, 0)
+        max_h, max_w = (int(x) + 1 for x in grid.max(dim=0).values)
         start = layout.offset * stride  # centre of grid point 0, as detectron2's shifts
         bw, bh = pair_box[:, 2] - pair_box[:, 0], pair_box[:, 3] - pair_box[:, 1]
         aw, ah = pair_cell[:, 2] - pair_cell[:, 0], pair_cell[:, 3] - pair_cell[:, 1]
@@ -312,6 +336,9 @@ def box_anchor_stats(
             torch.ceil(torch.maximum(reach_x, reach_y) / stride).long() + 1,
             torch.zeros_like(nx),
         )
+        # Anchor identity: (image, level, cell anchor, y, x), unique across the dataset.
+        pair_key = ((image_index.repeat_interleave(a) * len(layout.strides) + level) * a
+                    + torch.arange(a).repeat(num)) * max_h * max_w
         pair_best = torch.zeros(len(radius))
         pair_fg = torch.zeros(len(radius), dtype=torch.int64)
         for r in torch.unique(radius).tolist():
@@ -319,22 +346,56 @@ def box_anchor_stats(
             step = max(1, _CHUNK_ELEMENTS // (2 * r + 1) ** 2)
             for s in range(0, len(idx), step):
                 sel = idx[s: s + step]
-                iou = _window_iou(pair_box[sel], pair_cell[sel], nx[sel], ny[sel], grid[sel], r,
-                                  stride, start)
+                iou, gx, gy = _window_iou(pair_box[sel], pair_cell[sel], nx[sel], ny[sel],
+                                          grid[sel], r, stride, start)
                 pair_best[sel] = iou.max(dim=1).values
-                pair_fg[sel] = (iou >= fg_threshold).sum(dim=1)
+                fg = iou >= fg_threshold
+                pair_fg[sel] = fg.sum(dim=1)
+                rows, cols = torch.nonzero(fg, as_tuple=True)
+                keys.append(pair_key[sel][rows] + gy[rows, cols] * max_w + gx[rows, cols])
+                ious.append(iou[rows, cols])
+                owners.append(sel[rows] // a)
         level_best = pair_best.view(num, a).max(dim=1).values
         better = level_best > best
         best = torch.where(better, level_best, best)
         best_level = torch.where(better, torch.full_like(best_level, level), best_level)
         num_fg += pair_fg.view(num, a).sum(dim=1)
-    return best, num_fg, best_level
+    return best, num_fg, best_level, _kept_after_matching(keys, ious, owners, num)
+
+
+def _image_aligned_cuts(image_index: np.ndarray, size: int) -> List[int]:
+    """Chunk boundaries about ``size`` apart that never split an image's boxes (an image with
+    more boxes than ``size`` is one chunk)."""
+    cuts = [0]
+    while cuts[-1] < len(image_index):
+        end = cuts[-1] + size
+        if end >= len(image_index):
+            end = len(image_index)
+        else:
+            end = int(np.searchsorted(image_index, image_index[end], side="left"))
+            if end <= cuts[-1]:  # one image larger than size
+                end = int(np.searchsorted(image_index, image_index[cuts[-1]], side="right"))
+        cuts.append(end)
+    return cuts
+
+
+def _kept_after_matching(keys, ious, owners, num: int) -> torch.Tensor:
+    """Per box, the foreground anchors it wins: each anchor goes to its highest-IoU box, the
+    first box on ties (``Matcher``'s argmax over ground truth in annotation order)."""
+    if not keys:
+        return torch.zeros(num, dtype=torch.int64)
+    key, iou, owner = torch.cat(keys).numpy(), torch.cat(ious).numpy(), torch.cat(owners).numpy()
+    order = np.lexsort((owner, -iou, key))
+    key, owner = key[order], owner[order]
+    first = np.ones(len(key), dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    return torch.from_numpy(np.bincount(owner[first], minlength=num).astype(np.int64))
 
 
 def _window_iou(boxes, cells, nx, ny, grid, radius, stride, start):
     """(P, K) IoU of P boxes, each with its cell anchor placed at the (2r+1)^2 grid points
-    around (nx, ny); points off the grid get -1. Arithmetic as detectron2's anchors (shift +
-    cell anchor, float32) and ``pairwise_iou``."""
+    around (nx, ny), and those points' (P, K) x and y indices; points off the grid get IoU -1.
+    Arithmetic as detectron2's anchors (shift + cell anchor, float32) and ``pairwise_iou``."""
     offsets = torch.arange(-radius, radius + 1)
     k = len(offsets)
     gx = (nx[:, None] + offsets[None, :])[:, None, :].expand(-1, k, -1).reshape(len(boxes), -1)
@@ -350,7 +411,7 @@ def _window_iou(boxes, cells, nx, ny, grid, radius, stride, start):
     area_a = (ax1 - ax0) * (ay1 - ay0)
     area_b = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[:, None]
     iou = torch.where(inter > 0, inter / (area_b + area_a - inter), torch.zeros_like(inter))
-    return torch.where(valid, iou, torch.full_like(iou, -1.0))
+    return torch.where(valid, iou, torch.full_like(iou, -1.0)), gx, gy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +429,7 @@ class Coverage:
     num_fg: np.ndarray
     best_level: np.ndarray
     short_edge: np.ndarray  # the MIN_SIZE_TRAIN value of the pair
+    kept_fg: np.ndarray  # foreground anchors left to the box after matching (neighbours' taken)
     fg_threshold: float
     allow_low_quality: bool
 
@@ -388,17 +450,19 @@ def measure_coverage(box_set: BoxSet, cfg: CfgNode, layout: AnchorLayout,
                      short_edges: Sequence[int]) -> Coverage:
     """Runs :func:`box_anchor_stats` on the boxes resized to each training size."""
     fg, _ = matcher_thresholds(cfg)
+    index = None if box_set.image_index is None else torch.from_numpy(box_set.image_index)
     parts = []
     for short in short_edges:
         boxes, hw = resize_boxes(box_set, short, cfg.INPUT.MAX_SIZE_TRAIN)
-        best, num_fg, level = box_anchor_stats(
-            torch.from_numpy(boxes), torch.from_numpy(hw), layout, fg
+        best, num_fg, level, kept = box_anchor_stats(
+            torch.from_numpy(boxes), torch.from_numpy(hw), layout, fg, index
         )
         w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         parts.append((w * h, h / w, best.numpy(), num_fg.numpy(), level.numpy(),
-                      np.full(len(boxes), short)))
-    cols = [np.concatenate(c) if parts else np.zeros(0) for c in zip(*parts)] or [np.zeros(0)] * 6
-    return Coverage(*cols, fg_threshold=fg,
+                      np.full(len(boxes), short), kept.numpy()))
+    cols = [np.concatenate(c) for c in zip(*parts)] if parts else [np.zeros(0)] * 7
+    names = ("area", "aspect", "best_iou", "num_fg", "best_level", "short_edge", "kept_fg")
+    return Coverage(**dict(zip(names, cols)), fg_threshold=fg,
                     allow_low_quality=bool(cfg.MODEL.RETINANET.ALLOW_LOW_QUALITY_MATCHES))
 
 
@@ -414,6 +478,8 @@ def _row(cov: Coverage, mask: np.ndarray, label: str) -> Dict[str, Any]:
         "foreground_pct": pct(cov.foreground),
         "low_quality_only_pct": pct(cov.low_quality_only),
         "uncovered_pct": pct(~cov.foreground & ~cov.low_quality_only),
+        # Boxes still holding a foreground anchor once each anchor went to its best box.
+        "kept_after_matching_pct": pct(cov.kept_fg > 0),
         "median_best_iou": round(float(np.median(cov.best_iou[mask])), 4) if n else None,
         "mean_fg_anchors": round(float(cov.num_fg[mask].mean()), 2) if n else None,
     }
@@ -442,11 +508,13 @@ def coverage_tables(cov: Coverage, level_names: Optional[Sequence[str]] = None) 
                                  for name, lo, hi in ASPECT_BUCKETS]
     tables["by_training_size"] = [_row(cov, cov.short_edge == s, f"short edge {s}")
                                   for s in np.unique(cov.short_edge).tolist()]
-    tables["fg_anchors_per_box"] = {
-        (f"{lo}" if lo == hi else f"{lo}+" if hi >= 10**9 else f"{lo}-{hi}"):
-            int(((cov.num_fg >= lo) & (cov.num_fg <= hi)).sum())
-        for lo, hi in POSITIVE_BINS
-    }
+    for key, counts in (("fg_anchors_per_box", cov.num_fg),
+                        ("kept_fg_anchors_per_box", cov.kept_fg)):
+        tables[key] = {
+            (f"{lo}" if lo == hi else f"{lo}+" if hi >= 10**9 else f"{lo}-{hi}"):
+                int(((counts >= lo) & (counts <= hi)).sum())
+            for lo, hi in POSITIVE_BINS
+        }
     counts = np.bincount(cov.best_level, minlength=len(level_names or ())).tolist()
     names = list(level_names) if level_names else [str(i) for i in range(len(counts))]
     tables["best_level"] = dict(zip(names, counts))
@@ -456,7 +524,7 @@ def coverage_tables(cov: Coverage, level_names: Optional[Sequence[str]] = None) 
 def format_table(rows: Sequence[Dict[str, Any]], title: str) -> str:
     """A fixed-width text table of :func:`coverage_tables` rows."""
     head = f"{title:<28} {'boxes':>7} {'fg %':>7} {'low-q %':>8} {'none %':>7} " \
-           f"{'med IoU':>8} {'fg/box':>7}"
+           f"{'med IoU':>8} {'fg/box':>7} {'kept %':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if not r["boxes"]:
@@ -465,7 +533,8 @@ def format_table(rows: Sequence[Dict[str, Any]], title: str) -> str:
         lines.append(
             f"{r['bucket']:<28} {r['boxes']:>7} {r['foreground_pct']:>7.2f} "
             f"{r['low_quality_only_pct']:>8.2f} {r['uncovered_pct']:>7.2f} "
-            f"{r['median_best_iou']:>8.3f} {r['mean_fg_anchors']:>7.2f}"
+            f"{r['median_best_iou']:>8.3f} {r['mean_fg_anchors']:>7.2f} "
+            f"{r['kept_after_matching_pct']:>7.2f}"
         )
     return "\n".join(lines)
 
@@ -559,7 +628,10 @@ def propose_anchors(
     sample = box_set
     if len(box_set.boxes) > per_image:
         keep = np.sort(np.random.default_rng(seed).choice(len(box_set.boxes), per_image, False))
-        sample = BoxSet(box_set.boxes[keep], box_set.image_hw[keep], box_set.num_images)
+        # Whole boxes are sampled, so the competition between them is approximate.
+        index = None if box_set.image_index is None else box_set.image_index[keep]
+        sample = BoxSet(box_set.boxes[keep], box_set.image_hw[keep], box_set.num_images,
+                        image_index=index)
     work_cfg = _with_anchors(cfg, sizes0, ratios0)  # one clone, its anchor keys set per candidate
 
     def measure(boxes: BoxSet, sizes, ratios) -> Coverage:
@@ -749,6 +821,8 @@ def format_report(report: Dict[str, Any]) -> str:
     out += [format_table([s], "all boxes"), ""]
     out.append("foreground anchors per box: " + ", ".join(
         f"{k}: {v}" for k, v in cov["fg_anchors_per_box"].items()))
+    out.append("  kept after matching:      " + ", ".join(
+        f"{k}: {v}" for k, v in cov["kept_fg_anchors_per_box"].items()))
     out.append("boxes whose best anchor is on each level: " + ", ".join(
         f"{k}: {n}" for k, n in cov["best_level"].items()))
     prop = report.get("proposal")
