@@ -15,8 +15,9 @@ still makes its best anchor foreground (detectron2's ``Matcher``), and *uncovere
 such a box trains nothing but background. It then searches anchor sizes and aspect ratios that
 cover more boxes (see :func:`propose_anchors`).
 
-The count is per box: an anchor with IoU >= the threshold with two overlapping boxes is
-counted for both, whereas the matcher gives it to the box it overlaps most.
+An anchor with IoU >= the threshold with two overlapping boxes counts for both in ``num_fg``;
+``kept_fg`` counts what each box keeps once the matcher gives every anchor to the box it
+overlaps most.
 
 Shape shorthand:
     B: box-and-training-size pairs (each box once per ``MIN_SIZE_TRAIN`` value)
