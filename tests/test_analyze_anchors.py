@@ -235,6 +235,9 @@ def test_boxes_far_below_smallest_anchor_get_no_foreground(low_quality):
     assert row["foreground_pct"] == 0.0
     assert row["low_quality_only_pct"] == (100.0 if low_quality else 0.0)
     assert row["uncovered_pct"] == (0.0 if low_quality else 100.0)
+    # All 200 lack a foreground anchor and are under 21.8 px (2.7 strides of 8).
+    assert aa.too_small_for_grid(cov, 8) == {"finest_stride": 8, "side_px": 21.8,
+                                             "uncovered": 200, "smaller": 200}
 
 
 def test_training_resize_thresholds_and_sizes():
@@ -380,6 +383,13 @@ def test_cli_on_demo_data(demo_json, tmp_path, capsys):
     assert sum(r["boxes"] for r in saved["coverage"]["by_area"]) == len(boxes)
     assert list(saved["coverage"]["best_level"]) == ["p3", "p4", "p5", "p6", "p7"]
 
+    # 0.5 * 8 / (1 - sqrt(2 * 0.5 / 1.5)) = 4 / 0.1835 = 21.8 px: same-size anchor half a stride
+    # off along both axes, IoU (21.8 - 4)^2 / (2 * 21.8^2 - 17.8^2) = 0.5.
+    tiny = saved["too_small_for_grid"]
+    assert tiny["side_px"] == 21.8 and tiny["finest_stride"] == 8
+    fg_pct = saved["proposal"]["coverage"]["summary"]["foreground_pct"]
+    assert tiny["uncovered"] == round(len(boxes) * (100 - fg_pct) / 100)
+    assert 0 <= tiny["smaller"] <= tiny["uncovered"]
     proposal = saved["proposal"]
     assert proposal["coverage"]["summary"]["foreground_pct"] >= summary["foreground_pct"]
     for line in proposal["config_lines"]:

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -798,7 +799,25 @@ def analyze(cfg: CfgNode, datasets: Sequence[str], *, max_search_pairs: int = 20
             "config_lines": proposal.config_lines(),
             "coverage": coverage_tables(proposal.coverage, levels),
         }
+    final = proposal.coverage if proposal is not None else current
+    report["too_small_for_grid"] = too_small_for_grid(final, min(layout.strides))
     return report, current, proposal
+
+
+def too_small_for_grid(cov: Coverage, stride: int) -> Dict[str, Any]:
+    """How many boxes without a foreground anchor are smaller than the finest grid allows.
+
+    A square box of side b whose centre sits half a stride h = stride / 2 from the nearest grid
+    point along both axes reaches, with a same-size anchor, IoU (b - h)^2 / (2 b^2 - (b - h)^2);
+    that is below t for b < h / (1 - sqrt(2t / (1 + t))), 2.72 strides at t = 0.5. Depending on
+    where such boxes lie, no anchor size helps them; a finer level (smaller stride) would.
+    """
+    t = cov.fg_threshold
+    side = 0.5 * stride / (1 - math.sqrt(2 * t / (1 + t)))
+    uncovered = ~cov.foreground
+    small = uncovered & (np.sqrt(cov.area) < side)
+    return {"finest_stride": int(stride), "side_px": round(side, 1),
+            "uncovered": int(uncovered.sum()), "smaller": int(small.sum())}
 
 
 def format_report(report: Dict[str, Any]) -> str:
@@ -844,6 +863,15 @@ def format_report(report: Dict[str, Any]) -> str:
         out += ["  " + line for line in prop["config_lines"]]
         if prop["improved"]:
             out += ["", format_table(prop["coverage"]["by_area"], "proposed: area")]
+    tiny = report.get("too_small_for_grid")
+    if tiny and tiny["smaller"]:
+        out += ["", textwrap.fill(
+                f"{tiny['smaller']} of the {tiny['uncovered']} box-size pairs still without a "
+                f"foreground anchor are smaller than {tiny['side_px']:g} px "
+                f"({tiny['side_px'] / tiny['finest_stride']:.1f} strides of the finest level, "
+                f"stride {tiny['finest_stride']}): off-grid by half a stride, such a "
+                "box stays below the threshold with any anchor of its size; a finer level "
+                "(smaller stride) would help them more than other anchor sizes.", width=96)]
     return "\n".join(out)
 
 
