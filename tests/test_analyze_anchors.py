@@ -420,3 +420,25 @@ def test_config_errors_name_the_key():
     cfg.MODEL.RETINANET.IOU_LABELS = [1, -1, 0]
     with pytest.raises(ValueError, match="must end with 1"):
         aa.matcher_thresholds(cfg)
+
+
+def test_two_stage_config_uses_the_rpn_keys():
+    """Faster R-CNN with FocalRPN: anchors on the RPN's P2-P6, matched with MODEL.RPN's
+    thresholds (background < 0.3, foreground >= 0.7) and always low-quality matches."""
+    cfg = get_cfg()
+    add_retinanet_plugin_config(cfg)
+    cfg.merge_from_file(f"{CONFIGS}/faster_rcnn_focal_rpn_R_50_FPN_1x.yaml")
+    cfg.MODEL.RETINANET.ALLOW_LOW_QUALITY_MATCHES = False  # not read by the RPN
+    assert aa.anchor_head_key(cfg) == "MODEL.RPN"
+    assert aa.matcher_thresholds(cfg) == (0.7, 0.3)
+    assert aa.allow_low_quality_matches(cfg)
+    shapes = {f"p{i + 2}": ShapeSpec(channels=8, stride=2 ** (i + 2)) for i in range(5)}
+    layout = aa.anchor_layout(cfg, shapes, 32)
+    assert layout.strides == [4, 8, 16, 32, 64]
+    assert [len(c) for c in layout.cell_anchors] == [3] * 5  # one size x 3 ratios per level
+    # A 32x32 box on a P2 anchor (stride 4): same-size anchors 4 px away along one axis have
+    # IoU 28*32 / (2048 - 896) = 0.78 >= 0.7 (4 of them); 8 px away 0.6, diagonal 4 px 0.62.
+    # Trained at short edge 256, the 256x320 image keeps its size; ratio-0.5/2 anchors reach
+    # 32*22.6 / (2048 - 724) = 0.55, P3 64 px anchors 0.25.
+    cov = aa.measure_coverage(_box_set([[80, 80, 112, 112]], 256, 320), cfg, layout, [256])
+    assert cov.num_fg.tolist() == [5] and cov.best_iou.tolist() == [1.0]

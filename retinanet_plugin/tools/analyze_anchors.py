@@ -9,7 +9,8 @@ For every ground-truth box of the training datasets, resized as training resizes
 (``ResizeShortestEdge`` with every ``INPUT.MIN_SIZE_TRAIN`` value and ``INPUT.MAX_SIZE_TRAIN``),
 against the anchors the config's anchor generator places on the backbone's feature maps, it
 finds the best anchor IoU and the number of anchors at or above the foreground threshold of
-``MODEL.RETINANET.IOU_THRESHOLDS`` / ``IOU_LABELS``. A box is *foreground* when it has at
+``MODEL.RETINANET.IOU_THRESHOLDS`` / ``IOU_LABELS`` (``MODEL.RPN``'s for a two-stage model,
+whose anchors are the RPN's or FocalRPN's). A box is *foreground* when it has at
 least one such anchor, *low-quality only* when it has none but ``ALLOW_LOW_QUALITY_MATCHES``
 still makes its best anchor foreground (detectron2's ``Matcher``), and *uncovered* otherwise:
 such a box trains nothing but background. It then searches anchor sizes and aspect ratios that
@@ -70,28 +71,53 @@ _BOX_CHUNK = 20000
 # ---------------------------------------------------------------------------------------------
 
 
+# Meta-architectures whose anchors belong to a proposal generator (RPN or FocalRPN), matched
+# with MODEL.RPN's keys; any other (FocalRetinaNet, detectron2's RetinaNet) reads MODEL.RETINANET.
+_PROPOSAL_ARCHS = ("GeneralizedRCNN", "ProposalNetwork")
+
+
+def anchor_head_key(cfg: CfgNode) -> str:
+    """``MODEL.RPN`` for a two-stage or proposal-only model, else ``MODEL.RETINANET``: the node
+    whose IN_FEATURES, IOU_THRESHOLDS and IOU_LABELS place and match the anchors."""
+    return "MODEL.RPN" if cfg.MODEL.META_ARCHITECTURE in _PROPOSAL_ARCHS else "MODEL.RETINANET"
+
+
+def _head_node(cfg: CfgNode) -> CfgNode:
+    return cfg.MODEL.RPN if anchor_head_key(cfg) == "MODEL.RPN" else cfg.MODEL.RETINANET
+
+
+def allow_low_quality_matches(cfg: CfgNode) -> bool:
+    """RPN (and FocalRPN) always allow them, as detectron2 hard-codes; RetinaNet reads the
+    plugin's ``MODEL.RETINANET.ALLOW_LOW_QUALITY_MATCHES`` (True, detectron2's, when absent)."""
+    if anchor_head_key(cfg) == "MODEL.RPN":
+        return True
+    return bool(cfg.MODEL.RETINANET.get("ALLOW_LOW_QUALITY_MATCHES", True))
+
+
 def matcher_thresholds(cfg: CfgNode) -> Tuple[float, float]:
-    """(foreground threshold, background threshold) of ``MODEL.RETINANET``'s matcher.
+    """(foreground threshold, background threshold) of the anchor matcher
+    (:func:`anchor_head_key`'s ``IOU_THRESHOLDS`` / ``IOU_LABELS``).
 
     The foreground threshold is where the top run of intervals labelled 1 starts; the
     background threshold is the upper end of the intervals labelled 0 (both as detectron2's
-    ``Matcher`` reads ``IOU_THRESHOLDS`` / ``IOU_LABELS``).
+    ``Matcher`` reads them).
     """
-    thresholds = [-math.inf] + list(cfg.MODEL.RETINANET.IOU_THRESHOLDS) + [math.inf]
-    labels = list(cfg.MODEL.RETINANET.IOU_LABELS)
+    key, node = anchor_head_key(cfg), _head_node(cfg)
+    thresholds = [-math.inf] + list(node.IOU_THRESHOLDS) + [math.inf]
+    labels = list(node.IOU_LABELS)
     if len(labels) != len(thresholds) - 1:
         raise ValueError(
-            f"MODEL.RETINANET.IOU_LABELS has {len(labels)} labels for "
+            f"{key}.IOU_LABELS has {len(labels)} labels for "
             f"{len(thresholds) - 2} IOU_THRESHOLDS; it needs one more label than thresholds"
         )
     if labels[-1] != 1:
-        raise ValueError(f"MODEL.RETINANET.IOU_LABELS {labels} must end with 1 (foreground)")
+        raise ValueError(f"{key}.IOU_LABELS {labels} must end with 1 (foreground)")
     first_fg = len(labels) - 1
     while first_fg > 0 and labels[first_fg - 1] == 1:
         first_fg -= 1
     if 1 in labels[:first_fg]:
         raise ValueError(
-            f"MODEL.RETINANET.IOU_LABELS {labels}: foreground (1) must be one run of the "
+            f"{key}.IOU_LABELS {labels}: foreground (1) must be one run of the "
             "highest IoU intervals"
         )
     bg = [thresholds[i + 1] for i, label in enumerate(labels) if label == 0]
@@ -164,13 +190,13 @@ def backbone_shapes(cfg: CfgNode) -> Tuple[Dict[str, ShapeSpec], int, int]:
 def anchor_layout(cfg: CfgNode, shapes: Dict[str, ShapeSpec], divisibility: int,
                   square_size: int = 0) -> AnchorLayout:
     """Builds the config's anchor generator (detectron2's ``build_anchor_generator``) on the
-    RetinaNet head's input features."""
-    features = list(cfg.MODEL.RETINANET.IN_FEATURES)
+    input features of the head that owns the anchors (:func:`anchor_head_key`)."""
+    features = list(_head_node(cfg).IN_FEATURES)
     missing = [f for f in features if f not in shapes]
     if missing:
         raise ValueError(
-            f"MODEL.RETINANET.IN_FEATURES names {missing}, which the backbone does not output "
-            f"(it outputs {sorted(shapes)})"
+            f"{anchor_head_key(cfg)}.IN_FEATURES names {missing}, which the backbone does not "
+            f"output (it outputs {sorted(shapes)})"
         )
     generator = build_anchor_generator(cfg, [shapes[f] for f in features])
     if not hasattr(generator, "cell_anchors") or generator.box_dim != 4:
@@ -465,7 +491,7 @@ def measure_coverage(box_set: BoxSet, cfg: CfgNode, layout: AnchorLayout,
     cols = [np.concatenate(c) for c in zip(*parts)] if parts else [np.zeros(0)] * 7
     names = ("area", "aspect", "best_iou", "num_fg", "best_level", "short_edge", "kept_fg")
     return Coverage(**dict(zip(names, cols)), fg_threshold=fg,
-                    allow_low_quality=bool(cfg.MODEL.RETINANET.ALLOW_LOW_QUALITY_MATCHES))
+                    allow_low_quality=allow_low_quality_matches(cfg))
 
 
 def _row(cov: Coverage, mask: np.ndarray, label: str) -> Dict[str, Any]:
@@ -764,7 +790,7 @@ def analyze(cfg: CfgNode, datasets: Sequence[str], *, max_search_pairs: int = 20
     shapes, divisibility, square = backbone_shapes(cfg)
     layout = anchor_layout(cfg, shapes, divisibility, square)
     current = measure_coverage(box_set, cfg, layout, short_edges)
-    levels = list(cfg.MODEL.RETINANET.IN_FEATURES)
+    levels = list(_head_node(cfg).IN_FEATURES)
     report: Dict[str, Any] = {
         "datasets": list(datasets),
         "images": box_set.num_images,
@@ -773,6 +799,7 @@ def analyze(cfg: CfgNode, datasets: Sequence[str], *, max_search_pairs: int = 20
         "skipped_empty_boxes": box_set.skipped_empty,
         "training_short_edges": list(short_edges),
         "max_size_train": int(cfg.INPUT.MAX_SIZE_TRAIN),
+        "matcher": anchor_head_key(cfg),
         "fg_iou_threshold": fg,
         "bg_iou_threshold": bg,
         "allow_low_quality_matches": current.allow_low_quality,
@@ -828,7 +855,8 @@ def format_report(report: Dict[str, Any]) -> str:
         f"{report['boxes']} boxes in {report['images']} images of {report['datasets']}, at "
         f"training sizes {report['training_short_edges']} (max {report['max_size_train']}): "
         f"{s['boxes']} box-size pairs",
-        f"foreground IoU >= {report['fg_iou_threshold']:g}, background < "
+        f"matcher ({report['matcher']}): foreground IoU >= {report['fg_iou_threshold']:g}, "
+        f"background < "
         f"{report['bg_iou_threshold']:g}, ALLOW_LOW_QUALITY_MATCHES "
         f"{report['allow_low_quality_matches']}",
         "",
