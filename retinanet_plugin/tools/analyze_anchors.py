@@ -652,11 +652,11 @@ def propose_anchors(
     """
     sizes0 = [list(map(float, s)) for s in cfg.MODEL.ANCHOR_GENERATOR.SIZES]
     ratios0 = [list(map(float, r)) for r in cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS]
-    per_image = max(1, max_search_pairs // max(1, len(short_edges)))
+    max_boxes = max(1, max_search_pairs // max(1, len(short_edges)))
     sample = box_set
-    if len(box_set.boxes) > per_image:
-        keep = np.sort(np.random.default_rng(seed).choice(len(box_set.boxes), per_image, False))
-        # Whole boxes are sampled, so the competition between them is approximate.
+    if len(box_set.boxes) > max_boxes:
+        keep = np.sort(np.random.default_rng(seed).choice(len(box_set.boxes), max_boxes, False))
+        # A sample of boxes, not of images: kept_fg is approximate on it (coverage is exact).
         index = None if box_set.image_index is None else box_set.image_index[keep]
         sample = BoxSet(box_set.boxes[keep], box_set.image_hw[keep], box_set.num_images,
                         image_index=index)
