@@ -276,3 +276,150 @@ def test_repeated_backward_with_retain_graph_gives_the_same_gradient():
     _, expected = _value_and_grad(sigmoid_focal_loss_reference, x, t, 0.25, 2.0, "sum")
     torch.testing.assert_close(g1, 3 * expected)
     torch.testing.assert_close(g2, 0.5 * expected)
+
+
+def test_negative_or_above_one_per_class_alpha_is_refused():
+    # Issue 11.1: taken literally, alpha_k = -1 weighs a negative by 1 - (-1) = 2 and a positive
+    # by -1, a negative loss; the scalar's "disabled" meaning does not apply to a vector.
+    x, _ = _data((4, 2))
+    labels = torch.tensor([0, 1, 2, -1])
+    for bad in ([-1.0, 0.25], [0.25, 1.5]):
+        with pytest.raises(ValueError, match=r"alpha_per_class\[\d\] = .* must be in \[0, 1\]"):
+            sigmoid_focal_loss_from_labels(x, labels, alpha_per_class=torch.tensor(bad))
+        with pytest.raises(ValueError, match=r"alpha_per_class\[\d\] = .* must be in \[0, 1\]"):
+            sigmoid_focal_loss_star_from_labels(x, labels, alpha_per_class=torch.tensor(bad))
+
+
+@pytest.mark.parametrize("gamma", [0.2, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_focal_loss_gradient_is_finite_when_p_t_rounds_to_one(gamma, dtype):
+    # Issue 11.3: (1 - p_t)^gamma has an infinite derivative at p_t = 1 for gamma < 1; rows whose
+    # p_t rounds to 1 (and ignored rows, through 0 * inf) gave NaN gradients.
+    logits = torch.tensor([[30.0, -30.0, 0.0], [-30.0, 30.0, -30.0], [0.5, -0.5, 30.0],
+                           [30.0, -30.0, -30.0], [1.0, 2.0, -1.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, -1, 0])  # confident right answers, one ignored row
+    w = torch.tensor([1.0, 2.0, 0.5, 1.5, 3.0], dtype=torch.float64)
+    x = logits.to(dtype).clone().requires_grad_()
+    loss = softmax_focal_loss(x, labels, 0.25, gamma, background_index=2)
+    (loss.double() * w).sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+    # The float64 reference, term by term with autograd: NaN where p_t rounds to 1.
+    ref_x = logits.clone().requires_grad_()
+    log_p_t = F.log_softmax(ref_x, -1).gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
+    alpha_t = torch.where(labels == 2, 0.75, 0.25).double() * (labels >= 0)
+    ref = -alpha_t * (1 - log_p_t.exp()) ** gamma * log_p_t
+    (ref * w).sum().backward()
+    finite = torch.isfinite(ref_x.grad).all(-1)
+    assert not finite.all() and finite[4]  # the reference does fail here, and not everywhere
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(loss.double(), ref.detach(), **tol)
+    torch.testing.assert_close(x.grad.double()[finite], ref_x.grad[finite], **tol)
+    # Where p_t rounds to 1 the limit is 0 (q^gamma -> 0, its factor stays finite); the ignored
+    # row has no gradient at all.
+    assert (x.grad[~finite] == 0).all()
+    # Analytic gradient against finite differences at moderate logits, small gamma included.
+    z = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert torch.autograd.gradcheck(
+        lambda v: softmax_focal_loss(v, labels, 0.25, gamma, 2, "none"), (z.requires_grad_(),)
+    )
+
+
+def test_backward_with_retain_graph_on_a_leaf_accumulates_exactly():
+    # Issue 11.4: the first backward handed autograd a view of the kept gradient, which
+    # AccumulateGrad adopted as x.grad: later backwards accumulated into the kept buffer (4g
+    # after three backwards) and zeroing x.grad zeroed it.
+    x, t = _data((6, 4), torch.float32)
+    _, g = _value_and_grad(sigmoid_focal_loss_reference, x, t, 0.25, 2.0, "sum")
+    for fn in (lambda z: sigmoid_focal_loss(z, t, reduction="sum"),
+               lambda z: sigmoid_focal_loss(z, t, reduction="none").sum()):
+        leaf = x.clone().requires_grad_()
+        loss = fn(leaf)
+        for _ in range(3):
+            loss.backward(retain_graph=True)
+        torch.testing.assert_close(leaf.grad, 3 * g)
+        leaf = x.clone().requires_grad_()
+        loss = fn(leaf)
+        for _ in range(3):
+            loss.backward(retain_graph=True)
+            torch.testing.assert_close(leaf.grad, g)
+            leaf.grad.zero_()
+
+
+@pytest.fixture
+def compiled_kernel():
+    """The dense kernel, compiled, with its state restored afterwards."""
+    if not fused._compile_enabled():
+        pytest.skip("RETINANET_PLUGIN_COMPILE=0: the eager path has no compiled call to fail")
+    kernel = fused.dense_focal
+    x, t = _data((8, 3), torch.float32)
+    sigmoid_focal_loss(x, t)
+    assert kernel.backend == "inductor" and not kernel._failed
+    compiled = kernel._compiled
+    yield kernel, x, t
+    kernel._compiled, kernel._failed = compiled, False
+
+
+def test_error_inside_a_compiled_call_is_raised_and_not_sticky(compiled_kernel):
+    # Issue 11.5: any exception (an OOM, a wrong device) used to switch the kernel to eager for
+    # the rest of the process.
+    kernel, x, t = compiled_kernel
+    compiled = kernel._compiled
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    kernel._compiled = failing
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        sigmoid_focal_loss(x, t)
+    assert not kernel._failed and calls == [1]
+
+    def counting(*args):
+        calls.append(2)
+        return compiled(*args)
+
+    kernel._compiled = counting
+    expected = sigmoid_focal_loss_reference(x, t)
+    torch.testing.assert_close(sigmoid_focal_loss(x, t), expected)
+    assert calls == [1, 2]  # the next call ran compiled again
+
+
+def test_compilation_failure_falls_back_to_eager_with_a_log_line(compiled_kernel, caplog):
+    kernel, x, t = compiled_kernel
+    import torch._inductor.exc as inductor_exc
+
+    def failing(*args):
+        raise inductor_exc.InvalidCxxCompiler()
+
+    kernel._compiled = failing
+    with caplog.at_level("WARNING", logger=fused.__name__):
+        loss = sigmoid_focal_loss(x, t)
+    torch.testing.assert_close(loss, sigmoid_focal_loss_reference(x, t))
+    assert kernel._failed
+    assert "torch.compile of _dense_focal failed (InvalidCxxCompiler" in caplog.text
+    assert "using eager kernels" in caplog.text
+
+
+@pytest.mark.parametrize("compile_flag", ["1", "0"])
+def test_target_dtypes_are_checked_alike_on_compiled_and_eager_paths(compile_flag, monkeypatch):
+    # Issue 11.8: bool targets passed through the compiled kernel and failed in the eager one.
+    monkeypatch.setenv("RETINANET_PLUGIN_COMPILE", compile_flag)
+    x, t = _data((6, 3), torch.float32)
+    labels = torch.tensor([0, 3, -1, 2, 1, 3])
+    for fn in (sigmoid_focal_loss, sigmoid_focal_loss_star):
+        with pytest.raises(TypeError, match="targets must be a floating-point tensor.*torch.bool"):
+            fn(x, t.bool())
+        with pytest.raises(TypeError, match="targets must be a floating-point tensor.*torch.int64"):
+            fn(x, t.long())
+    for fn in (sigmoid_focal_loss_from_labels, sigmoid_focal_loss_star_from_labels):
+        with pytest.raises(TypeError, match="labels must be an integer tensor.*torch.bool"):
+            fn(x, labels >= 1)
+        with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
+            fn(x.long(), labels)
+    with pytest.raises(TypeError, match="labels must be an integer tensor.*torch.bool"):
+        softmax_focal_loss(x, labels >= 1)
+    # What is accepted gives the same numbers on both paths (int32 labels, float targets).
+    torch.testing.assert_close(sigmoid_focal_loss_from_labels(x, labels.int()),
+                               sigmoid_focal_loss_from_labels(x, labels))
+    torch.testing.assert_close(sigmoid_focal_loss(x, t), sigmoid_focal_loss_reference(x, t))
