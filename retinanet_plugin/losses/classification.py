@@ -18,8 +18,11 @@ from detectron2.utils.registry import Registry
 
 from ..registry import get_registered
 from .focal import (
+    _check_levels,
     _focal_from_labels,
+    _focal_per_level,
     _star_from_labels,
+    _star_per_level,
     check_alpha_per_class,
     check_focal_params,
     softmax_focal_loss,
@@ -41,6 +44,10 @@ An entry is an ``nn.Module`` class constructed as ``cls(cfg)``; calling the modu
 
 returns a scalar: the loss summed over the batch, not normalised (the detector divides by its
 normaliser, the number of foreground anchors, Sec. 3.3).
+
+An entry may also define ``forward_levels(pred_logits, gt_labels, anchors=None)`` taking the
+head's per-level logits (a list of (N, A*K, Hi, Wi)) instead of the (N, R, K) concatenation,
+and returning the same value; the detector then calls it and skips that copy.
 
 An entry may declare ``config_keys``, the loss-related ``MODEL.RETINANET`` keys (of
 ``LOSS_CONFIG_KEYS``) it reads; :func:`build_cls_loss` then refuses a non-default value of any
@@ -153,6 +160,13 @@ class SigmoidFocalLoss(_ClassAlpha):
             pred_logits, gt_labels, self.alpha, self.gamma, "sum", self.alpha_per_class
         )
 
+    def forward_levels(self, pred_logits: List[Tensor], gt_labels: Tensor, anchors=None
+                       ) -> Tensor:
+        """The same loss from the head's per-level (N, A*K, Hi, Wi) logits (no (N, R, K) copy)."""
+        k = _check_levels(pred_logits, gt_labels, self.alpha_per_class)[1]
+        return _focal_per_level(pred_logits, gt_labels, self.alpha, self.gamma,
+                                self.alpha_per_class, k)
+
 
 @CLS_LOSS_REGISTRY.register()
 class AlphaBalancedCE(SigmoidFocalLoss):
@@ -200,6 +214,13 @@ class SigmoidFocalLossStar(_ClassAlpha):
             pred_logits, gt_labels, self.gamma, self.beta, self.alpha, "sum",
             self.alpha_per_class,
         )
+
+    def forward_levels(self, pred_logits: List[Tensor], gt_labels: Tensor, anchors=None
+                       ) -> Tensor:
+        """The same loss from the head's per-level (N, A*K, Hi, Wi) logits (no (N, R, K) copy)."""
+        k = _check_levels(pred_logits, gt_labels, self.alpha_per_class)[1]
+        return _star_per_level(pred_logits, gt_labels, self.gamma, self.beta, self.alpha,
+                               self.alpha_per_class, k)
 
 
 @CLS_LOSS_REGISTRY.register()

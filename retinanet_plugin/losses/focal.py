@@ -16,7 +16,7 @@ The default implementations are fused (see :mod:`retinanet_plugin.losses.fused`)
 fused ones are tested against.
 """
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -29,6 +29,8 @@ __all__ = [
     "sigmoid_focal_loss_star",
     "sigmoid_focal_loss_from_labels",
     "sigmoid_focal_loss_star_from_labels",
+    "sigmoid_focal_loss_per_level",
+    "sigmoid_focal_loss_star_per_level",
     "softmax_focal_loss",
     "alpha_balanced_ce",
     "sigmoid_focal_loss_reference",
@@ -175,8 +177,8 @@ def _focal_from_labels(logits: Tensor, labels: Tensor, alpha: float, gamma: floa
     """:func:`sigmoid_focal_loss_from_labels` without the checks of ``alpha_per_class``'s
     values (a host sync), for callers that validated it once (the registered losses)."""
     check_focal_params(alpha, gamma)
-    return fused.fused(fused.label_focal, reduction, logits, labels, float(alpha), float(gamma),
-                       alpha >= 0, fused.gamma_mode(gamma), alpha_per_class)
+    return fused.fused(fused.label_focal, reduction, logits, labels.unsqueeze(-1), float(alpha),
+                       float(gamma), alpha >= 0, fused.gamma_mode(gamma), alpha_per_class, -1)
 
 
 def sigmoid_focal_loss_star_from_labels(logits: Tensor, labels: Tensor, gamma: float = 1.0,
@@ -194,8 +196,115 @@ def _star_from_labels(logits: Tensor, labels: Tensor, gamma: float, beta: float,
     """:func:`sigmoid_focal_loss_star_from_labels` without the value checks of
     ``alpha_per_class`` (see :func:`_focal_from_labels`)."""
     check_focal_params(alpha, gamma, star=True)
-    return fused.fused(fused.label_focal_star, reduction, logits, labels, float(alpha),
-                       float(gamma), float(beta), alpha >= 0, alpha_per_class)
+    return fused.fused(fused.label_focal_star, reduction, logits, labels.unsqueeze(-1),
+                       float(alpha), float(gamma), float(beta), alpha >= 0, alpha_per_class, -1)
+
+
+def sigmoid_focal_loss_per_level(pred_logits: Sequence[Tensor], gt_labels: Tensor,
+                                 alpha: float = 0.25, gamma: float = 2.0,
+                                 alpha_per_class: Optional[Tensor] = None) -> Tensor:
+    """Eq. 5 summed over anchors, computed in the head's per-level layout.
+
+    Equal to ``sigmoid_focal_loss_from_labels(cat([permute_to_N_HWA_K(x, K) for x in
+    pred_logits], 1), gt_labels, reduction="sum")`` without that (N, R, K) copy of the logits,
+    nor the split of its gradient back into levels: each level's loss and gradient are computed
+    on a view of the head's output, and the gradient is written in its layout.
+
+    Args:
+        pred_logits (list[Tensor]): L levels of (N, A*K, Hi, Wi), the head's output.
+        gt_labels (Tensor): (N, R) int, R = sum of Hi*Wi*A, anchors ordered by level, then
+            (Hi, Wi, A) as detectron2's ``permute_to_N_HWA_K``; 0..K-1 foreground, K
+            background, -1 ignored.
+        alpha, gamma, alpha_per_class: as in :func:`sigmoid_focal_loss_from_labels`.
+
+    Returns:
+        Tensor: scalar, float32 (float64 for float64 logits).
+    """
+    k = _check_levels(pred_logits, gt_labels, alpha_per_class)[1]
+    if alpha_per_class is not None:
+        check_alpha_per_class(alpha_per_class.tolist())
+    return _focal_per_level(pred_logits, gt_labels, alpha, gamma, alpha_per_class, k)
+
+
+def sigmoid_focal_loss_star_per_level(pred_logits: Sequence[Tensor], gt_labels: Tensor,
+                                      gamma: float = 1.0, beta: float = 0.0, alpha: float = -1,
+                                      alpha_per_class: Optional[Tensor] = None) -> Tensor:
+    """FL* (Appendix A) in the head's per-level layout; arguments as
+    :func:`sigmoid_focal_loss_per_level` and :func:`sigmoid_focal_loss_star_from_labels`."""
+    k = _check_levels(pred_logits, gt_labels, alpha_per_class)[1]
+    if alpha_per_class is not None:
+        check_alpha_per_class(alpha_per_class.tolist())
+    return _star_per_level(pred_logits, gt_labels, gamma, beta, alpha, alpha_per_class, k)
+
+
+def _check_levels(pred_logits: Sequence[Tensor], gt_labels: Tensor,
+                  alpha_per_class: Optional[Tensor]) -> tuple:
+    """(A, K) of the head's layout, or ValueError / TypeError naming what does not fit."""
+    if len(pred_logits) == 0:
+        raise ValueError("pred_logits must hold at least one level")
+    if gt_labels.dim() != 2:
+        raise ValueError(f"gt_labels must be (N, R), got shape {tuple(gt_labels.shape)}")
+    if gt_labels.dtype not in _LABEL_DTYPES:
+        raise TypeError(f"labels must be an integer tensor of class indices, got "
+                        f"{gt_labels.dtype}")
+    num_images, num_anchors = gt_labels.shape
+    for i, x in enumerate(pred_logits):
+        if x.dim() != 4 or x.shape[0] != num_images:
+            raise ValueError(f"pred_logits[{i}] must be (N={num_images}, A*K, Hi, Wi), got "
+                             f"shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"logits must be a floating-point tensor, got {x.dtype}")
+    locations = sum(x.shape[2] * x.shape[3] for x in pred_logits)
+    a = num_anchors // max(locations, 1)
+    channels = {x.shape[1] for x in pred_logits}
+    if a * locations != num_anchors or len(channels) != 1 or a == 0 or channels.pop() % a:
+        raise ValueError(
+            f"gt_labels' {num_anchors} anchors do not fit the levels' shapes "
+            f"{[tuple(x.shape) for x in pred_logits]} (R must be sum(Hi*Wi) * A and every level "
+            "must have A*K channels)"
+        )
+    k = pred_logits[0].shape[1] // a
+    if alpha_per_class is not None and alpha_per_class.shape != (k,):
+        raise ValueError(f"alpha_per_class must have one value per class ({k}), got shape "
+                         f"{tuple(alpha_per_class.shape)}")
+    return a, k
+
+
+def _over_levels(pred_logits: Sequence[Tensor], gt_labels: Tensor, num_classes: int,
+                 level_loss: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Sum of ``level_loss(x, labels)`` over levels, x a (N, A, K, Hi*Wi) view of the level's
+    logits and labels its (N, A, 1, Hi*Wi) (strided) view of gt_labels."""
+    num_images = gt_labels.shape[0]
+    total, start = None, 0
+    for x in pred_logits:
+        h, w = x.shape[2], x.shape[3]
+        a = x.shape[1] // num_classes
+        x4 = x.reshape(num_images, a, num_classes, h * w)  # a view of a contiguous head output
+        labels = gt_labels[:, start:start + h * w * a].reshape(num_images, h * w, a)
+        start += h * w * a
+        loss = level_loss(x4, labels.transpose(1, 2).unsqueeze(2))
+        total = loss if total is None else total + loss
+    return total
+
+
+def _focal_per_level(pred_logits: Sequence[Tensor], gt_labels: Tensor, alpha: float,
+                     gamma: float, alpha_per_class: Optional[Tensor], num_classes: int) -> Tensor:
+    """:func:`sigmoid_focal_loss_per_level` with shapes checked and without the value checks
+    of ``alpha_per_class`` (see :func:`_focal_from_labels`)."""
+    check_focal_params(alpha, gamma)
+    return _over_levels(pred_logits, gt_labels, num_classes, lambda x, labels: fused.fused(
+        fused.label_focal, "sum", x, labels, float(alpha), float(gamma), alpha >= 0,
+        fused.gamma_mode(gamma), alpha_per_class, -2))
+
+
+def _star_per_level(pred_logits: Sequence[Tensor], gt_labels: Tensor, gamma: float, beta: float,
+                    alpha: float, alpha_per_class: Optional[Tensor], num_classes: int) -> Tensor:
+    """:func:`sigmoid_focal_loss_star_per_level` without its checks (see
+    :func:`_focal_per_level`)."""
+    check_focal_params(alpha, gamma, star=True)
+    return _over_levels(pred_logits, gt_labels, num_classes, lambda x, labels: fused.fused(
+        fused.label_focal_star, "sum", x, labels, float(alpha), float(gamma), float(beta),
+        alpha >= 0, alpha_per_class, -2))
 
 
 def alpha_balanced_ce(inputs: Tensor, targets: Tensor, alpha: float = 0.25,

@@ -112,14 +112,17 @@ def _dense_focal_star(x: Tensor, t: Tensor, gamma: Tensor, beta: Tensor, alpha: 
     return (loss.sum() if reduce else loss), _flush(grad)
 
 
-def _label_weights(labels: Tensor, num_classes: int, alpha: Tensor, use_alpha: bool,
-                   alpha_vec: Optional[Tensor], dtype: torch.dtype):
-    """One-hot mask (M, K) and alpha_t (M, K) from class indices; ignored rows get weight 0."""
-    classes = torch.arange(num_classes, device=labels.device)
-    is_t = labels.unsqueeze(-1) == classes
-    valid = (labels >= 0).unsqueeze(-1).to(dtype)
+def _label_weights(labels: Tensor, num_classes: int, class_dim: int, alpha: Tensor,
+                   use_alpha: bool, alpha_vec: Optional[Tensor], dtype: torch.dtype):
+    """One-hot mask and alpha_t, both of x's shape, from class indices; ignored rows get weight
+    0. ``labels`` has x's shape except for size 1 at ``class_dim`` (-1: (M, 1) for (M, K)
+    logits; -2: (N, A, 1, HW) for the head's (N, A, K, HW) layout)."""
+    class_shape = (num_classes,) + (1,) * (-class_dim - 1)
+    classes = torch.arange(num_classes, device=labels.device).view(class_shape)
+    is_t = labels == classes
+    valid = (labels >= 0).to(dtype)
     if alpha_vec is not None:
-        a_pos = alpha_vec.to(dtype)
+        a_pos = alpha_vec.to(dtype).view(class_shape)
         a_t = torch.where(is_t, a_pos, 1 - a_pos)
     elif use_alpha:
         a_t = torch.where(is_t, alpha, 1 - alpha).to(dtype)
@@ -129,15 +132,18 @@ def _label_weights(labels: Tensor, num_classes: int, alpha: Tensor, use_alpha: b
 
 
 def _label_focal(x: Tensor, labels: Tensor, alpha: Tensor, gamma: Tensor, use_alpha: bool,
-                 mode: int, alpha_vec: Optional[Tensor], reduce: bool):
+                 mode: int, alpha_vec: Optional[Tensor], class_dim: int, reduce: bool):
     """Eq. 5 with class-index targets, value and d/dx, without a dense one-hot input.
 
     Args:
-        x (Tensor): (M, K) logits.
-        labels (Tensor): (M,) int64; 0..K-1 foreground class, K (or any other value >= K)
-            background, -1 ignored (no loss, no gradient).
+        x (Tensor): logits, (M, K) with class_dim = -1, or the head's (N, A, K, HW) with
+            class_dim = -2.
+        labels (Tensor): int, x's shape with size 1 at class_dim ((M, 1) or (N, A, 1, HW));
+            0..K-1 foreground class, K (or any other value >= K) background, -1 ignored (no
+            loss, no gradient).
     """
-    is_t, a_t = _label_weights(labels, x.shape[-1], alpha, use_alpha, alpha_vec, x.dtype)
+    is_t, a_t = _label_weights(labels, x.shape[class_dim], class_dim, alpha, use_alpha,
+                               alpha_vec, x.dtype)
     x_t = torch.where(is_t, x, -x)
     p_t, q, e = _sigmoids(x_t)
     nll = torch.clamp(-x_t, min=0) + torch.log1p(e)  # -log p_t
@@ -150,9 +156,12 @@ def _label_focal(x: Tensor, labels: Tensor, alpha: Tensor, gamma: Tensor, use_al
 
 
 def _label_focal_star(x: Tensor, labels: Tensor, alpha: Tensor, gamma: Tensor, beta: Tensor,
-                      use_alpha: bool, alpha_vec: Optional[Tensor], reduce: bool):
-    """FL* (Appendix A) with class-index targets, value and d/dx."""
-    is_t, a_t = _label_weights(labels, x.shape[-1], alpha, use_alpha, alpha_vec, x.dtype)
+                      use_alpha: bool, alpha_vec: Optional[Tensor], class_dim: int,
+                      reduce: bool):
+    """FL* (Appendix A) with class-index targets, value and d/dx; layouts as
+    :func:`_label_focal`."""
+    is_t, a_t = _label_weights(labels, x.shape[class_dim], class_dim, alpha, use_alpha,
+                               alpha_vec, x.dtype)
     z = gamma * torch.where(is_t, x, -x) + beta
     _, s_neg, e = _sigmoids(z)
     loss = a_t * (torch.clamp(-z, min=0) + torch.log1p(e)) / gamma
