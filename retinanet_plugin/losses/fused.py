@@ -118,7 +118,10 @@ def _label_weights(labels: Tensor, num_classes: int, class_dim: int, alpha: Tens
     0. ``labels`` has x's shape except for size 1 at ``class_dim`` (-1: (M, 1) for (M, K)
     logits; -2: (N, A, 1, HW) for the head's (N, A, K, HW) layout)."""
     class_shape = (num_classes,) + (1,) * (-class_dim - 1)
-    classes = torch.arange(num_classes, device=labels.device).view(class_shape)
+    # Compared in the labels' own width when int32 (the per-level path passes int32 labels).
+    index_dtype = torch.int32 if labels.dtype == torch.int32 else torch.int64
+    classes = torch.arange(num_classes, device=labels.device, dtype=index_dtype)
+    classes = classes.view(class_shape)
     is_t = labels == classes
     valid = (labels >= 0).to(dtype)
     if alpha_vec is not None:
