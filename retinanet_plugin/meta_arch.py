@@ -345,7 +345,7 @@ class FocalRetinaNet(DenseDetector):
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         return self.losses(
             anchors.tensor,
-            cat([permute_to_N_HWA_K(x, self.num_classes) for x in pred_logits], dim=1),
+            pred_logits,  # per level: losses concatenates them only if the loss needs it
             gt_labels,
             cat([permute_to_N_HWA_K(x, 4) for x in pred_deltas], dim=1),
             gt_boxes,
@@ -399,7 +399,7 @@ class FocalRetinaNet(DenseDetector):
     def losses(
         self,
         anchors: Tensor,
-        pred_logits: Tensor,
+        pred_logits: Union[Tensor, List[Tensor]],
         gt_labels: Tensor,
         pred_deltas: Tensor,
         gt_boxes: Tensor,
@@ -410,7 +410,10 @@ class FocalRetinaNet(DenseDetector):
 
         Args:
             anchors (Tensor): (R, 4) XYXY.
-            pred_logits (Tensor): (N, R, K).
+            pred_logits (Tensor or list[Tensor]): (N, R, K), or the head's L levels of
+                (N, A*K, Hi, Wi). Per level, a loss with ``forward_levels`` computes the loss and
+                its gradient in the head's layout, without the (N, R, K) copy of the logits (and
+                the split of its gradient back into levels); other losses get that copy.
             gt_labels (Tensor): (N, R), from :meth:`label_anchors`.
             pred_deltas (Tensor): (N, R, 4).
             gt_boxes (Tensor): (N, R, 4), from :meth:`label_anchors`.
@@ -440,7 +443,13 @@ class FocalRetinaNet(DenseDetector):
         get_event_storage().put_scalar("num_pos_anchors", num_fg / num_images)
         normalizer = self.loss_normalizer(num_fg, self.device)
 
-        loss_cls = self.cls_loss(pred_logits, gt_labels, anchors=anchors)
+        if isinstance(pred_logits, Tensor):
+            loss_cls = self.cls_loss(pred_logits, gt_labels, anchors=anchors)
+        elif hasattr(self.cls_loss, "forward_levels"):
+            loss_cls = self.cls_loss.forward_levels(pred_logits, gt_labels, anchors=anchors)
+        else:
+            logits = cat([permute_to_N_HWA_K(x, self.num_classes) for x in pred_logits], dim=1)
+            loss_cls = self.cls_loss(logits, gt_labels, anchors=anchors)
         loss_box_reg = dense_box_reg_loss(
             anchors,
             self.box2box_transform,

@@ -143,3 +143,81 @@ def test_ohem_nms_drops_duplicate_anchors_and_respects_ratio():
     assert torch.nonzero((logits.grad != 0).any(-1)[0]).flatten().tolist() == [0, 2, 4, 5]
     with pytest.raises(ValueError, match="needs the anchor boxes"):
         ohem(logits, labels)
+
+
+@pytest.mark.parametrize("name", ["SigmoidFocalLoss", "SigmoidFocalLossStar", "AlphaBalancedCE"])
+@pytest.mark.parametrize("per_class", [[-1.0, 0.25, 0.25, 0.25], [0.25, 0.25, 1.25, 0.25]])
+def test_per_class_alpha_outside_zero_one_is_refused_by_name(name, per_class):
+    # Issue 11.1: [-1, 0.25, ...] passed (a negative scalar alpha means "disabled") and then
+    # weighed class 0's negatives by 1 - (-1) = 2 and its positives by -1: a negative loss.
+    with pytest.raises(ValueError, match=r"MODEL.RETINANET.FOCAL_LOSS_ALPHA_PER_CLASS\[\d\] = "):
+        build_cls_loss(_cfg(CLS_LOSS=name, FOCAL_LOSS_ALPHA_PER_CLASS=per_class))
+    with pytest.raises(ValueError, match=r"alpha_per_class\[\d\] = .* must be in \[0, 1\]"):
+        CLS_LOSS_REGISTRY.get(name)(alpha_per_class=per_class)
+
+
+@pytest.mark.parametrize(
+    "name, key, value",
+    [
+        ("OHEMLoss", "FOCAL_LOSS_GAMMA", 0.5),
+        ("OHEMLoss", "FOCAL_LOSS_ALPHA_PER_CLASS", [0.1, 0.2, 0.3, 0.4]),
+        ("OHEMLoss", "FOCAL_LOSS_STAR_BETA", 1.0),
+        ("SoftmaxFocalLoss", "FOCAL_LOSS_ALPHA_PER_CLASS", [0.1, 0.2, 0.3, 0.4]),
+        ("AlphaBalancedCE", "FOCAL_LOSS_GAMMA", 0.0),
+        ("SigmoidFocalLoss", "FOCAL_LOSS_STAR_BETA", 1.0),
+        ("SigmoidFocalLoss", "OHEM.BATCH_SIZE_PER_IMAGE", 128),
+        ("SigmoidFocalLossStar", "OHEM.POSITIVE_FRACTION", 0.25),
+    ],
+)
+def test_a_key_the_loss_does_not_use_is_refused_by_name(name, key, value):
+    # Issue 11.10: OHEMLoss silently trained with gamma = 0 whatever FOCAL_LOSS_GAMMA said.
+    cfg = _cfg(CLS_LOSS=name)
+    node, leaf = _node_and_leaf(cfg, key)
+    node[leaf] = value
+    with pytest.raises(ValueError, match=rf"MODEL.RETINANET.{key} = .* is not used by "
+                                         rf"MODEL.RETINANET.CLS_LOSS = '{name}'"):
+        build_cls_loss(cfg)
+
+
+def _node_and_leaf(cfg, key):
+    """("OHEM.NMS_THRESH" -> MODEL.RETINANET.OHEM, "NMS_THRESH"), under MODEL.RETINANET."""
+    node = cfg.MODEL.RETINANET
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    return node, leaf
+
+
+# A non-default value for each key; every loss must change its value when a key it declares
+# changes, so that config_keys cannot claim a key the loss ignores.
+_CHANGED = {
+    "FOCAL_LOSS_ALPHA": 0.6,
+    "FOCAL_LOSS_GAMMA": 1.0,
+    "FOCAL_LOSS_ALPHA_PER_CLASS": [0.1, 0.9, 0.3, 0.7],
+    "FOCAL_LOSS_STAR_BETA": 1.0,
+    "OHEM.BATCH_SIZE_PER_IMAGE": 8,
+    "OHEM.NMS_THRESH": 0.3,
+    "OHEM.POSITIVE_FRACTION": 0.25,
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_declared_key_changes_the_loss(name, monkeypatch):
+    # Eager kernels: this is about which keys reach the loss, and new gamma / alpha variants
+    # would each cost a compilation.
+    monkeypatch.setenv("RETINANET_PLUGIN_COMPILE", "0")
+    logits, labels, anchors = _batch(r=200)
+    loss_cls = CLS_LOSS_REGISTRY.get(name)
+    assert set(loss_cls.config_keys) <= set(_CHANGED)
+    base_cfg = _cfg(CLS_LOSS=name)
+    if name == "SigmoidFocalLossStar":
+        base_cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA = 0.25  # so that alpha_per_class matters
+    if name == "OHEMLoss":
+        base_cfg.MODEL.RETINANET.OHEM.BATCH_SIZE_PER_IMAGE = 32
+    base = build_cls_loss(base_cfg)(logits, labels, anchors=anchors)
+    for key in loss_cls.config_keys:
+        cfg = base_cfg.clone()
+        node, leaf = _node_and_leaf(cfg, key)
+        node[leaf] = _CHANGED[key]
+        changed = build_cls_loss(cfg)(logits, labels, anchors=anchors)
+        assert not torch.allclose(changed, base), f"{name} ignores {key}"

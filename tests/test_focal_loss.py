@@ -276,3 +276,320 @@ def test_repeated_backward_with_retain_graph_gives_the_same_gradient():
     _, expected = _value_and_grad(sigmoid_focal_loss_reference, x, t, 0.25, 2.0, "sum")
     torch.testing.assert_close(g1, 3 * expected)
     torch.testing.assert_close(g2, 0.5 * expected)
+
+
+def test_negative_or_above_one_per_class_alpha_is_refused():
+    # Issue 11.1: taken literally, alpha_k = -1 weighs a negative by 1 - (-1) = 2 and a positive
+    # by -1, a negative loss; the scalar's "disabled" meaning does not apply to a vector.
+    x, _ = _data((4, 2))
+    labels = torch.tensor([0, 1, 2, -1])
+    for bad in ([-1.0, 0.25], [0.25, 1.5]):
+        with pytest.raises(ValueError, match=r"alpha_per_class\[\d\] = .* must be in \[0, 1\]"):
+            sigmoid_focal_loss_from_labels(x, labels, alpha_per_class=torch.tensor(bad))
+        with pytest.raises(ValueError, match=r"alpha_per_class\[\d\] = .* must be in \[0, 1\]"):
+            sigmoid_focal_loss_star_from_labels(x, labels, alpha_per_class=torch.tensor(bad))
+
+
+@pytest.mark.parametrize("gamma", [0.2, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_focal_loss_gradient_is_finite_when_p_t_rounds_to_one(gamma, dtype):
+    # Issue 11.3: (1 - p_t)^gamma has an infinite derivative at p_t = 1 for gamma < 1; rows whose
+    # p_t rounds to 1 (and ignored rows, through 0 * inf) gave NaN gradients.
+    logits = torch.tensor([[30.0, -30.0, 0.0], [-30.0, 30.0, -30.0], [0.5, -0.5, 30.0],
+                           [30.0, -30.0, -30.0], [1.0, 2.0, -1.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, -1, 0])  # confident right answers, one ignored row
+    w = torch.tensor([1.0, 2.0, 0.5, 1.5, 3.0], dtype=torch.float64)
+    x = logits.to(dtype).clone().requires_grad_()
+    loss = softmax_focal_loss(x, labels, 0.25, gamma, background_index=2)
+    (loss.double() * w).sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+    # The float64 reference, term by term with autograd: NaN where p_t rounds to 1.
+    ref_x = logits.clone().requires_grad_()
+    log_p_t = F.log_softmax(ref_x, -1).gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
+    alpha_t = torch.where(labels == 2, 0.75, 0.25).double() * (labels >= 0)
+    ref = -alpha_t * (1 - log_p_t.exp()) ** gamma * log_p_t
+    (ref * w).sum().backward()
+    finite = torch.isfinite(ref_x.grad).all(-1)
+    assert not finite.all() and finite[4]  # the reference does fail here, and not everywhere
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(loss.double(), ref.detach(), **tol)
+    torch.testing.assert_close(x.grad.double()[finite], ref_x.grad[finite], **tol)
+    # Where p_t rounds to 1 the limit is 0 (q^gamma -> 0, its factor stays finite); the ignored
+    # row has no gradient at all.
+    assert (x.grad[~finite] == 0).all()
+    # Analytic gradient against finite differences at moderate logits, small gamma included.
+    z = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert torch.autograd.gradcheck(
+        lambda v: softmax_focal_loss(v, labels, 0.25, gamma, 2, "none"), (z.requires_grad_(),)
+    )
+
+
+def test_backward_with_retain_graph_on_a_leaf_accumulates_exactly():
+    # Issue 11.4: the first backward handed autograd a view of the kept gradient, which
+    # AccumulateGrad adopted as x.grad: later backwards accumulated into the kept buffer (4g
+    # after three backwards) and zeroing x.grad zeroed it.
+    x, t = _data((6, 4), torch.float32)
+    _, g = _value_and_grad(sigmoid_focal_loss_reference, x, t, 0.25, 2.0, "sum")
+    for fn in (lambda z: sigmoid_focal_loss(z, t, reduction="sum"),
+               lambda z: sigmoid_focal_loss(z, t, reduction="none").sum()):
+        leaf = x.clone().requires_grad_()
+        loss = fn(leaf)
+        for _ in range(3):
+            loss.backward(retain_graph=True)
+        torch.testing.assert_close(leaf.grad, 3 * g)
+        leaf = x.clone().requires_grad_()
+        loss = fn(leaf)
+        for _ in range(3):
+            loss.backward(retain_graph=True)
+            torch.testing.assert_close(leaf.grad, g)
+            leaf.grad.zero_()
+
+
+@pytest.fixture
+def compiled_kernel():
+    """The dense kernel, compiled, with its state restored afterwards."""
+    if not fused._compile_enabled():
+        pytest.skip("RETINANET_PLUGIN_COMPILE=0: the eager path has no compiled call to fail")
+    kernel = fused.dense_focal
+    x, t = _data((8, 3), torch.float32)
+    sigmoid_focal_loss(x, t)
+    assert kernel.backend == "inductor" and not kernel._failed
+    compiled = kernel._compiled
+    yield kernel, x, t
+    kernel._compiled, kernel._failed = compiled, False
+
+
+def test_error_inside_a_compiled_call_is_raised_and_not_sticky(compiled_kernel):
+    # Issue 11.5: any exception (an OOM, a wrong device) used to switch the kernel to eager for
+    # the rest of the process.
+    kernel, x, t = compiled_kernel
+    compiled = kernel._compiled
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    kernel._compiled = failing
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        sigmoid_focal_loss(x, t)
+    assert not kernel._failed and calls == [1]
+
+    def counting(*args):
+        calls.append(2)
+        return compiled(*args)
+
+    kernel._compiled = counting
+    expected = sigmoid_focal_loss_reference(x, t)
+    torch.testing.assert_close(sigmoid_focal_loss(x, t), expected)
+    assert calls == [1, 2]  # the next call ran compiled again
+
+
+def test_compilation_failure_falls_back_to_eager_with_a_log_line(compiled_kernel, caplog):
+    kernel, x, t = compiled_kernel
+    import torch._inductor.exc as inductor_exc
+
+    def failing(*args):
+        raise inductor_exc.InvalidCxxCompiler()
+
+    kernel._compiled = failing
+    with caplog.at_level("WARNING", logger=fused.__name__):
+        loss = sigmoid_focal_loss(x, t)
+    torch.testing.assert_close(loss, sigmoid_focal_loss_reference(x, t))
+    assert kernel._failed
+    assert "torch.compile of _dense_focal failed (InvalidCxxCompiler" in caplog.text
+    assert "using eager kernels" in caplog.text
+
+
+@pytest.mark.parametrize("compile_flag", ["1", "0"])
+def test_target_dtypes_are_checked_alike_on_compiled_and_eager_paths(compile_flag, monkeypatch):
+    # Issue 11.8: bool targets passed through the compiled kernel and failed in the eager one.
+    monkeypatch.setenv("RETINANET_PLUGIN_COMPILE", compile_flag)
+    x, t = _data((6, 3), torch.float32)
+    labels = torch.tensor([0, 3, -1, 2, 1, 3])
+    for fn in (sigmoid_focal_loss, sigmoid_focal_loss_star):
+        with pytest.raises(TypeError, match="targets must be a floating-point tensor.*torch.bool"):
+            fn(x, t.bool())
+        with pytest.raises(TypeError, match="targets must be a floating-point tensor.*torch.int64"):
+            fn(x, t.long())
+    for fn in (sigmoid_focal_loss_from_labels, sigmoid_focal_loss_star_from_labels):
+        with pytest.raises(TypeError, match="labels must be an integer tensor.*torch.bool"):
+            fn(x, labels >= 1)
+        with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
+            fn(x.long(), labels)
+    with pytest.raises(TypeError, match="labels must be an integer tensor.*torch.bool"):
+        softmax_focal_loss(x, labels >= 1)
+    # What is accepted gives the same numbers on both paths (int32 labels, float targets).
+    torch.testing.assert_close(sigmoid_focal_loss_from_labels(x, labels.int()),
+                               sigmoid_focal_loss_from_labels(x, labels))
+    torch.testing.assert_close(sigmoid_focal_loss(x, t), sigmoid_focal_loss_reference(x, t))
+
+
+# ---------------------------------------------------------------------------------------------
+# The head-layout path (issue 10): loss and gradient per level, in (N, A*K, Hi, Wi)
+# ---------------------------------------------------------------------------------------------
+LEVELS = [(4, 5), (2, 3), (1, 2)]  # (Hi, Wi); R = (20 + 6 + 2) * A
+
+
+def _levels(num_images=2, a=3, k=4, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    levels = [(torch.randn(num_images, a * k, h, w, generator=g, dtype=torch.float64) * 4)
+              .to(dtype) for h, w in LEVELS]
+    r = a * sum(h * w for h, w in LEVELS)
+    labels = torch.randint(-1, k + 1, (num_images, r), generator=g)  # ignored and background too
+    return levels, labels
+
+
+def _concat(levels, k):
+    from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+
+    return torch.cat([permute_to_N_HWA_K(x, k) for x in levels], dim=1)
+
+
+def _levels_value_and_grads(fn, levels, *args, **kwargs):
+    xs = [x.detach().clone().requires_grad_() for x in levels]
+    loss = fn(xs, *args, **kwargs)
+    loss.backward()
+    return loss.detach(), [x.grad for x in xs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_per_level_loss_equals_concatenated_loss_and_eq5(dtype, monkeypatch):
+    from retinanet_plugin.losses import sigmoid_focal_loss_per_level
+
+    # Eager kernels: the same code as the compiled ones (the detector's compiled variant is
+    # tested below and by test_parity), without a compilation per dtype / alpha variant.
+    monkeypatch.setenv("RETINANET_PLUGIN_COMPILE", "0")
+    k = 4
+    levels, labels = _levels(dtype=dtype)
+    alphas = torch.tensor([0.1, 0.4, 0.6, 0.9])
+    for alpha_per_class in (None, alphas):
+        ours, g_ours = _levels_value_and_grads(sigmoid_focal_loss_per_level, levels, labels,
+                                               0.25, 2.0, alpha_per_class=alpha_per_class)
+        # The same loss on detectron2's (N, R, K) concatenation, by the flat fused kernel ...
+        flat, g_flat = _levels_value_and_grads(
+            lambda xs: sigmoid_focal_loss_from_labels(_concat(xs, k), labels, 0.25, 2.0,
+                                                      alpha_per_class=alpha_per_class), levels)
+        assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert all(g.dtype == dtype and g.shape == x.shape for g, x in zip(g_ours, levels))
+        torch.testing.assert_close(ours, flat, rtol=1e-12 if dtype == torch.float64 else 1e-6,
+                                   atol=0)
+        for a, b in zip(g_ours, g_flat):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)  # elementwise, same arithmetic
+        # ... and by Eq. 5 term by term (float64, autograd) over the non-ignored anchors.
+        valid = labels >= 0
+        one_hot = F.one_hot(labels.clamp(min=0), k + 1)[..., :k].double()
+        a_t = 1.0 if alpha_per_class is None else (
+            one_hot * alphas.double() + (1 - one_hot) * (1 - alphas.double()))
+        ref, g_ref = _levels_value_and_grads(
+            lambda xs: ((sigmoid_focal_loss_reference(_concat(xs, k), one_hot,
+                                                      0.25 if alpha_per_class is None else -1,
+                                                      2.0) * a_t)[valid]).sum(),
+            [x.double() for x in levels])
+        tol = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=2e-3,
+                                                                               atol=1e-5)
+        torch.testing.assert_close(ours.double(), ref, **tol)
+        for a, b in zip(g_ours, g_ref):
+            torch.testing.assert_close(a.double(), b, **tol)
+        # Ignored anchors get no gradient, in the head's layout: anchor r of a level is
+        # (h, w, a) with r = (h * Wi + w) * A + a, channels a * K .. a * K + K - 1.
+        n, r = torch.nonzero(~valid)[0].tolist()
+        assert r < 3 * 20  # in the first level (4 x 5 locations, A = 3)
+        hw, a_idx = divmod(r, 3)
+        assert (g_ours[0][n, a_idx * k:(a_idx + 1) * k, hw // 5, hw % 5] == 0).all()
+
+
+def test_per_level_star_and_gamma_zero_equal_concatenated(monkeypatch):
+    from retinanet_plugin.losses import (
+        sigmoid_focal_loss_per_level,
+        sigmoid_focal_loss_star_per_level,
+    )
+
+    monkeypatch.setenv("RETINANET_PLUGIN_COMPILE", "0")  # as above
+    levels, labels = _levels()
+    for fn, flat_fn, args in [
+        (sigmoid_focal_loss_star_per_level, sigmoid_focal_loss_star_from_labels, (2.0, 1.0, 0.25)),
+        (sigmoid_focal_loss_per_level, sigmoid_focal_loss_from_labels, (0.75, 0.0)),
+    ]:
+        ours, g_ours = _levels_value_and_grads(fn, levels, labels, *args)
+        flat, g_flat = _levels_value_and_grads(
+            lambda xs: flat_fn(_concat(xs, 4), labels, *args), levels)
+        torch.testing.assert_close(ours, flat, rtol=1e-12, atol=0)
+        for a, b in zip(g_ours, g_flat):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_per_level_compiled_kernel_equals_eq5():
+    # The detector's variant (float32, alpha 0.25, gamma 2) through the compiled kernel.
+    from retinanet_plugin.losses import sigmoid_focal_loss_per_level
+
+    levels, labels = _levels(dtype=torch.float32)
+    ours, g_ours = _levels_value_and_grads(sigmoid_focal_loss_per_level, levels, labels)
+    assert fused.label_focal.backend == ("inductor" if fused._compile_enabled() else "eager")
+    valid = labels >= 0
+    one_hot = F.one_hot(labels.clamp(min=0), 5)[..., :4].double()
+    ref, g_ref = _levels_value_and_grads(
+        lambda xs: sigmoid_focal_loss_reference(_concat(xs, 4), one_hot, 0.25, 2.0)[valid].sum(),
+        [x.double() for x in levels])
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=0)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-7)
+
+
+def test_per_level_empty_batch_and_bad_shapes():
+    from retinanet_plugin.losses import sigmoid_focal_loss_per_level
+
+    levels, labels = _levels(num_images=0)
+    loss, grads = _levels_value_and_grads(sigmoid_focal_loss_per_level, levels, labels)
+    assert loss.item() == 0 and all(g.shape == x.shape for g, x in zip(grads, levels))
+    levels, labels = _levels()
+    with pytest.raises(ValueError, match="anchors do not fit the levels' shapes"):
+        sigmoid_focal_loss_per_level(levels, labels[:, :-1])
+    with pytest.raises(ValueError, match="anchors do not fit the levels' shapes"):
+        sigmoid_focal_loss_per_level([levels[0][:, :-1]] + levels[1:], labels)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        sigmoid_focal_loss_per_level(levels, labels >= 0)
+    with pytest.raises(ValueError, match=r"alpha_per_class\[0\] = -1.0 must be in \[0, 1\]"):
+        sigmoid_focal_loss_per_level(levels, labels, alpha_per_class=torch.tensor([-1.0, 0, 0, 0]))
+
+
+def test_detector_losses_skip_the_concatenation_only_when_the_loss_can(monkeypatch):
+    # FocalRetinaNet.losses takes the head's per-level logits; a loss with forward_levels gets
+    # them as they are (no permute + cat), others get the (N, R, K) concatenation; both give the
+    # values and head gradients of the concatenated call.
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+    from small_config import small_retinanet_cfg
+
+    import retinanet_plugin.meta_arch as meta_arch
+    from retinanet_plugin.losses import SoftmaxFocalLoss
+
+    cfg = small_retinanet_cfg(num_convs=1)
+    cfg.MODEL.META_ARCHITECTURE = "FocalRetinaNet"
+    cfg.MODEL.RETINANET.NUM_CLASSES = 4
+    model = build_model(cfg)
+    levels, labels = _levels(a=9, dtype=torch.float32)
+    labels[labels == 4] = model.num_classes  # background
+    r = labels.shape[1]
+    anchors = torch.rand(r, 2) * 50
+    anchors = torch.cat([anchors, anchors + 20], dim=1)
+    deltas = torch.zeros(2, r, 4)
+    boxes = anchors.expand(2, r, 4).clone()
+    for cls_loss, concatenates in [(model.cls_loss, False), (SoftmaxFocalLoss(), True)]:
+        model.cls_loss = cls_loss
+        with EventStorage():
+            model.loss_normalizer = meta_arch.LossNormalizer("batch")
+            ref, g_ref = _levels_value_and_grads(
+                lambda xs: model.losses(anchors, _concat(xs, 4), labels, deltas, boxes)["loss_cls"],
+                levels)
+            calls = []
+            real = meta_arch.permute_to_N_HWA_K
+            monkeypatch.setattr(meta_arch, "permute_to_N_HWA_K",
+                                lambda *a: calls.append(1) or real(*a))
+            ours, g_ours = _levels_value_and_grads(
+                lambda xs: model.losses(anchors, xs, labels, deltas, boxes)["loss_cls"], levels)
+            monkeypatch.setattr(meta_arch, "permute_to_N_HWA_K", real)
+        assert bool(calls) == concatenates
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+        for a, b in zip(g_ours, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)

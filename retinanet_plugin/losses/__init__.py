@@ -13,9 +13,11 @@ from .focal import (
     alpha_balanced_ce,
     sigmoid_focal_loss,
     sigmoid_focal_loss_from_labels,
+    sigmoid_focal_loss_per_level,
     sigmoid_focal_loss_reference,
     sigmoid_focal_loss_star,
     sigmoid_focal_loss_star_from_labels,
+    sigmoid_focal_loss_star_per_level,
     sigmoid_focal_loss_star_reference,
     softmax_focal_loss,
 )
@@ -31,9 +33,11 @@ __all__ = [
     "alpha_balanced_ce",
     "sigmoid_focal_loss",
     "sigmoid_focal_loss_from_labels",
+    "sigmoid_focal_loss_per_level",
     "sigmoid_focal_loss_reference",
     "sigmoid_focal_loss_star",
     "sigmoid_focal_loss_star_from_labels",
+    "sigmoid_focal_loss_star_per_level",
     "sigmoid_focal_loss_star_reference",
     "softmax_focal_loss",
 ]

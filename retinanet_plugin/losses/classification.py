@@ -7,7 +7,7 @@ Shape shorthand:
 """
 
 import logging
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -18,9 +18,13 @@ from detectron2.utils.registry import Registry
 
 from ..registry import get_registered
 from .focal import (
+    _check_levels,
+    _focal_from_labels,
+    _focal_per_level,
+    _star_from_labels,
+    _star_per_level,
+    check_alpha_per_class,
     check_focal_params,
-    sigmoid_focal_loss_from_labels,
-    sigmoid_focal_loss_star_from_labels,
     softmax_focal_loss,
 )
 
@@ -40,15 +44,68 @@ An entry is an ``nn.Module`` class constructed as ``cls(cfg)``; calling the modu
 
 returns a scalar: the loss summed over the batch, not normalised (the detector divides by its
 normaliser, the number of foreground anchors, Sec. 3.3).
+
+An entry may also define ``forward_levels(pred_logits, gt_labels, anchors=None)`` taking the
+head's per-level logits (a list of (N, A*K, Hi, Wi)) instead of the (N, R, K) concatenation,
+and returning the same value; the detector then calls it and skips that copy.
+
+An entry may declare ``config_keys``, the loss-related ``MODEL.RETINANET`` keys (of
+``LOSS_CONFIG_KEYS``) it reads; :func:`build_cls_loss` then refuses a non-default value of any
+other of those keys, naming key and loss, instead of training silently without it. Entries
+without the attribute are not checked.
 """
+
+# The loss-related keys under MODEL.RETINANET that some registered loss reads.
+LOSS_CONFIG_KEYS = (
+    "FOCAL_LOSS_ALPHA",
+    "FOCAL_LOSS_GAMMA",
+    "FOCAL_LOSS_ALPHA_PER_CLASS",
+    "FOCAL_LOSS_STAR_BETA",
+    "OHEM.BATCH_SIZE_PER_IMAGE",
+    "OHEM.NMS_THRESH",
+    "OHEM.POSITIVE_FRACTION",
+)
 
 
 def build_cls_loss(cfg) -> nn.Module:
-    """Build the classification loss named by ``cfg.MODEL.RETINANET.CLS_LOSS``."""
-    loss_cls = get_registered(
-        CLS_LOSS_REGISTRY, cfg.MODEL.RETINANET.CLS_LOSS, "MODEL.RETINANET.CLS_LOSS"
-    )
+    """Build the classification loss named by ``cfg.MODEL.RETINANET.CLS_LOSS``.
+
+    Raises:
+        ValueError: a loss-related key the chosen loss does not read has a non-default value.
+    """
+    name = cfg.MODEL.RETINANET.CLS_LOSS
+    loss_cls = get_registered(CLS_LOSS_REGISTRY, name, "MODEL.RETINANET.CLS_LOSS")
+    used = getattr(loss_cls, "config_keys", None)
+    if used is not None:
+        _refuse_unused_keys(cfg, name, used)
     return loss_cls(cfg)
+
+
+def _lookup(node, dotted: str):
+    for part in dotted.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return list(node) if isinstance(node, (list, tuple)) else node
+
+
+def _refuse_unused_keys(cfg, name: str, used: Tuple[str, ...]) -> None:
+    # Imported here: the config module imports the model's modules, which import this one.
+    from detectron2.config import get_cfg
+
+    from ..config import add_retinanet_plugin_config
+
+    defaults = add_retinanet_plugin_config(get_cfg()).MODEL.RETINANET
+    for key in LOSS_CONFIG_KEYS:
+        if key in used:
+            continue
+        value, default = _lookup(cfg.MODEL.RETINANET, key), _lookup(defaults, key)
+        if value is not None and value != default:
+            raise ValueError(
+                f"MODEL.RETINANET.{key} = {value!r} is not used by MODEL.RETINANET.CLS_LOSS = "
+                f"{name!r} (it reads {', '.join(used)}); leave it at its default {default!r} or "
+                "choose a loss that uses it"
+            )
 
 
 def _focal_args_from_cfg(cfg, *, star: bool = False) -> dict:
@@ -63,8 +120,7 @@ def _focal_args_from_cfg(cfg, *, star: bool = False) -> dict:
                 "MODEL.RETINANET.FOCAL_LOSS_ALPHA_PER_CLASS must have MODEL.RETINANET.NUM_CLASSES "
                 f"= {rc.NUM_CLASSES} values, got {len(per_class)}"
             )
-        for a in per_class:
-            check_focal_params(a, gamma, alpha_name="MODEL.RETINANET.FOCAL_LOSS_ALPHA_PER_CLASS")
+        check_alpha_per_class(per_class, name="MODEL.RETINANET.FOCAL_LOSS_ALPHA_PER_CLASS")
     return {"alpha": alpha, "gamma": gamma, "alpha_per_class": per_class or None}
 
 
@@ -79,15 +135,16 @@ class _ClassAlpha(nn.Module):
         self.gamma = float(gamma)
         per_class = None
         if alpha_per_class is not None:
+            check_alpha_per_class(alpha_per_class)
             per_class = torch.as_tensor(alpha_per_class, dtype=torch.float32)
-            for a in per_class.tolist():
-                check_focal_params(a, gamma, alpha_name="alpha_per_class")
         self.register_buffer("alpha_per_class", per_class, persistent=False)
 
 
 @CLS_LOSS_REGISTRY.register()
 class SigmoidFocalLoss(_ClassAlpha):
     """Sigmoid focal loss, Eq. 5 (the paper's default: alpha = 0.25, gamma = 2)."""
+
+    config_keys = ("FOCAL_LOSS_ALPHA", "FOCAL_LOSS_GAMMA", "FOCAL_LOSS_ALPHA_PER_CLASS")
 
     @configurable
     def __init__(self, *, alpha: float = 0.25, gamma: float = 2.0,
@@ -99,14 +156,24 @@ class SigmoidFocalLoss(_ClassAlpha):
         return _focal_args_from_cfg(cfg)
 
     def forward(self, pred_logits: Tensor, gt_labels: Tensor, anchors=None) -> Tensor:
-        return sigmoid_focal_loss_from_labels(
+        return _focal_from_labels(
             pred_logits, gt_labels, self.alpha, self.gamma, "sum", self.alpha_per_class
         )
+
+    def forward_levels(self, pred_logits: List[Tensor], gt_labels: Tensor, anchors=None
+                       ) -> Tensor:
+        """The same loss from the head's per-level (N, A*K, Hi, Wi) logits (no (N, R, K) copy)."""
+        k = _check_levels(pred_logits, gt_labels, self.alpha_per_class)[1]
+        return _focal_per_level(pred_logits, gt_labels, self.alpha, self.gamma,
+                                self.alpha_per_class, k)
 
 
 @CLS_LOSS_REGISTRY.register()
 class AlphaBalancedCE(SigmoidFocalLoss):
-    """Alpha-balanced sigmoid cross-entropy, gamma = 0 (Table 1a); FOCAL_LOSS_GAMMA is ignored."""
+    """Alpha-balanced sigmoid cross-entropy, gamma = 0 (Table 1a); a FOCAL_LOSS_GAMMA other than
+    the default is refused."""
+
+    config_keys = ("FOCAL_LOSS_ALPHA", "FOCAL_LOSS_ALPHA_PER_CLASS")
 
     @configurable
     def __init__(self, *, alpha: float = 0.25, alpha_per_class: Optional[List[float]] = None):
@@ -127,6 +194,9 @@ class SigmoidFocalLossStar(_ClassAlpha):
     paper's Table 3 runs use gamma=2, beta=1 and gamma=4, beta=0).
     """
 
+    config_keys = ("FOCAL_LOSS_ALPHA", "FOCAL_LOSS_GAMMA", "FOCAL_LOSS_ALPHA_PER_CLASS",
+                   "FOCAL_LOSS_STAR_BETA")
+
     @configurable
     def __init__(self, *, gamma: float = 2.0, beta: float = 1.0, alpha: float = -1.0,
                  alpha_per_class: Optional[List[float]] = None):
@@ -140,10 +210,17 @@ class SigmoidFocalLossStar(_ClassAlpha):
         return args
 
     def forward(self, pred_logits: Tensor, gt_labels: Tensor, anchors=None) -> Tensor:
-        return sigmoid_focal_loss_star_from_labels(
+        return _star_from_labels(
             pred_logits, gt_labels, self.gamma, self.beta, self.alpha, "sum",
             self.alpha_per_class,
         )
+
+    def forward_levels(self, pred_logits: List[Tensor], gt_labels: Tensor, anchors=None
+                       ) -> Tensor:
+        """The same loss from the head's per-level (N, A*K, Hi, Wi) logits (no (N, R, K) copy)."""
+        k = _check_levels(pred_logits, gt_labels, self.alpha_per_class)[1]
+        return _star_per_level(pred_logits, gt_labels, self.gamma, self.beta, self.alpha,
+                               self.alpha_per_class, k)
 
 
 @CLS_LOSS_REGISTRY.register()
@@ -156,6 +233,8 @@ class SoftmaxFocalLoss(nn.Module):
     background ones.
     """
 
+    config_keys = ("FOCAL_LOSS_ALPHA", "FOCAL_LOSS_GAMMA")
+
     @configurable
     def __init__(self, *, alpha: float = 0.25, gamma: float = 2.0):
         super().__init__()
@@ -166,10 +245,7 @@ class SoftmaxFocalLoss(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         args = _focal_args_from_cfg(cfg)
-        if args.pop("alpha_per_class") is not None:
-            raise ValueError(
-                "MODEL.RETINANET.FOCAL_LOSS_ALPHA_PER_CLASS is not supported by SoftmaxFocalLoss"
-            )
+        del args["alpha_per_class"]  # refused by build_cls_loss (not in config_keys)
         return args
 
     def forward(self, pred_logits: Tensor, gt_labels: Tensor, anchors=None) -> Tensor:
@@ -193,7 +269,13 @@ class OHEMLoss(nn.Module):
 
     NMS runs over the ``nms_pre_topk`` hardest anchors per pool rather than all ~100k, since only
     the first ``batch_size_per_image`` survivors are kept: the hardest anchors decide them.
+
+    The loss is cross-entropy (gamma = 0) with a scalar alpha: FOCAL_LOSS_GAMMA and
+    FOCAL_LOSS_ALPHA_PER_CLASS other than their defaults are refused by :func:`build_cls_loss`.
     """
+
+    config_keys = ("FOCAL_LOSS_ALPHA", "OHEM.BATCH_SIZE_PER_IMAGE", "OHEM.NMS_THRESH",
+                   "OHEM.POSITIVE_FRACTION")
 
     @configurable
     def __init__(self, *, alpha: float = -1.0, batch_size_per_image: int = 256,
@@ -233,8 +315,8 @@ class OHEMLoss(nn.Module):
         if anchors is None:
             raise ValueError("OHEMLoss needs the anchor boxes (anchors=(R, 4) XYXY) for its NMS")
         with torch.no_grad():
-            per_anchor = sigmoid_focal_loss_from_labels(
-                pred_logits.detach(), gt_labels, self.alpha, 0.0, "none"
+            per_anchor = _focal_from_labels(
+                pred_logits.detach(), gt_labels, self.alpha, 0.0, "none", None
             ).sum(-1)
             selected = [
                 self._select(per_anchor[i], gt_labels[i], anchors, pred_logits.shape[-1])
@@ -244,7 +326,7 @@ class OHEMLoss(nn.Module):
         mined = torch.full_like(gt_labels, -1)
         for i, keep in enumerate(selected):
             mined[i, keep] = gt_labels[i, keep]
-        return sigmoid_focal_loss_from_labels(pred_logits, mined, self.alpha, 0.0, "sum")
+        return _focal_from_labels(pred_logits, mined, self.alpha, 0.0, "sum", None)
 
     def _select(self, loss: Tensor, labels: Tensor, anchors: Tensor, num_classes: int) -> Tensor:
         """Indices (into R) of the mined anchors of one image."""

@@ -16,7 +16,7 @@ The default implementations are fused (see :mod:`retinanet_plugin.losses.fused`)
 fused ones are tested against.
 """
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -29,12 +29,18 @@ __all__ = [
     "sigmoid_focal_loss_star",
     "sigmoid_focal_loss_from_labels",
     "sigmoid_focal_loss_star_from_labels",
+    "sigmoid_focal_loss_per_level",
+    "sigmoid_focal_loss_star_per_level",
     "softmax_focal_loss",
     "alpha_balanced_ce",
     "sigmoid_focal_loss_reference",
     "sigmoid_focal_loss_star_reference",
     "check_focal_params",
+    "check_alpha_per_class",
 ]
+
+# Integer dtypes accepted for class-index labels (bool is refused: True / False are not classes).
+_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def check_focal_params(alpha: float, gamma: float, *, alpha_name: str = "alpha",
@@ -54,6 +60,17 @@ def check_focal_params(alpha: float, gamma: float, *, alpha_name: str = "alpha",
         raise ValueError(f"{gamma_name} must be >= 0; got {gamma}")
 
 
+def check_alpha_per_class(values: Sequence[float], *, name: str = "alpha_per_class") -> None:
+    """Raise ValueError naming ``name`` unless every per-class alpha lies in [0, 1].
+
+    Unlike the scalar alpha, a negative entry has no "disabled" meaning here (a per-class vector
+    is alpha-balancing by definition), and taken literally it would make the loss negative.
+    """
+    for k, a in enumerate(values):
+        if not 0 <= a <= 1:
+            raise ValueError(f"{name}[{k}] = {a} must be in [0, 1] (one alpha per class)")
+
+
 def _check_dense(inputs: Tensor, targets: Tensor) -> None:
     if inputs.shape != targets.shape:
         raise ValueError(
@@ -61,6 +78,13 @@ def _check_dense(inputs: Tensor, targets: Tensor) -> None:
         )
     if not inputs.is_floating_point():
         raise TypeError(f"inputs must be a floating-point tensor, got {inputs.dtype}")
+    # Checked here rather than left to the kernel, so that the compiled and the eager kernel
+    # (RETINANET_PLUGIN_COMPILE=0) accept exactly the same inputs.
+    if not targets.is_floating_point():
+        raise TypeError(
+            f"targets must be a floating-point tensor of values in [0, 1], got {targets.dtype} "
+            "(convert with targets.to(inputs.dtype))"
+        )
 
 
 def _check_labels(logits: Tensor, labels: Tensor, alpha_per_class: Optional[Tensor]) -> None:
@@ -69,13 +93,20 @@ def _check_labels(logits: Tensor, labels: Tensor, alpha_per_class: Optional[Tens
             f"labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
             f"got {tuple(labels.shape)}"
         )
-    if labels.is_floating_point():
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}")
+    if labels.dtype not in _LABEL_DTYPES:
         raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
-    if alpha_per_class is not None and alpha_per_class.shape != (logits.shape[-1],):
+    if alpha_per_class is None:
+        return
+    if alpha_per_class.shape != (logits.shape[-1],) or not alpha_per_class.is_floating_point():
         raise ValueError(
-            f"alpha_per_class must have one value per class ({logits.shape[-1]}), "
-            f"got shape {tuple(alpha_per_class.shape)}"
+            f"alpha_per_class must be a float tensor with one value per class "
+            f"({logits.shape[-1]}), got shape {tuple(alpha_per_class.shape)} and "
+            f"{alpha_per_class.dtype}"
         )
+    # K values read back once per call (the modules validate theirs once, at construction).
+    check_alpha_per_class(alpha_per_class.tolist())
 
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
@@ -138,9 +169,16 @@ def sigmoid_focal_loss_from_labels(logits: Tensor, labels: Tensor, alpha: float 
         alpha_per_class (Tensor, optional): (K,) per-class alpha, replacing ``alpha``.
     """
     _check_labels(logits, labels, alpha_per_class)
+    return _focal_from_labels(logits, labels, alpha, gamma, reduction, alpha_per_class)
+
+
+def _focal_from_labels(logits: Tensor, labels: Tensor, alpha: float, gamma: float,
+                       reduction: str, alpha_per_class: Optional[Tensor]) -> Tensor:
+    """:func:`sigmoid_focal_loss_from_labels` without the checks of ``alpha_per_class``'s
+    values (a host sync), for callers that validated it once (the registered losses)."""
     check_focal_params(alpha, gamma)
-    return fused.fused(fused.label_focal, reduction, logits, labels, float(alpha), float(gamma),
-                       alpha >= 0, fused.gamma_mode(gamma), alpha_per_class)
+    return fused.fused(fused.label_focal, reduction, logits, labels.unsqueeze(-1), float(alpha),
+                       float(gamma), alpha >= 0, fused.gamma_mode(gamma), alpha_per_class, -1)
 
 
 def sigmoid_focal_loss_star_from_labels(logits: Tensor, labels: Tensor, gamma: float = 1.0,
@@ -150,9 +188,129 @@ def sigmoid_focal_loss_star_from_labels(logits: Tensor, labels: Tensor, gamma: f
     """FL* (Appendix A) with class-index targets; labels as in
     :func:`sigmoid_focal_loss_from_labels`."""
     _check_labels(logits, labels, alpha_per_class)
+    return _star_from_labels(logits, labels, gamma, beta, alpha, reduction, alpha_per_class)
+
+
+def _star_from_labels(logits: Tensor, labels: Tensor, gamma: float, beta: float, alpha: float,
+                      reduction: str, alpha_per_class: Optional[Tensor]) -> Tensor:
+    """:func:`sigmoid_focal_loss_star_from_labels` without the value checks of
+    ``alpha_per_class`` (see :func:`_focal_from_labels`)."""
     check_focal_params(alpha, gamma, star=True)
-    return fused.fused(fused.label_focal_star, reduction, logits, labels, float(alpha),
-                       float(gamma), float(beta), alpha >= 0, alpha_per_class)
+    return fused.fused(fused.label_focal_star, reduction, logits, labels.unsqueeze(-1),
+                       float(alpha), float(gamma), float(beta), alpha >= 0, alpha_per_class, -1)
+
+
+def sigmoid_focal_loss_per_level(pred_logits: Sequence[Tensor], gt_labels: Tensor,
+                                 alpha: float = 0.25, gamma: float = 2.0,
+                                 alpha_per_class: Optional[Tensor] = None) -> Tensor:
+    """Eq. 5 summed over anchors, computed in the head's per-level layout.
+
+    Equal to ``sigmoid_focal_loss_from_labels(cat([permute_to_N_HWA_K(x, K) for x in
+    pred_logits], 1), gt_labels, reduction="sum")`` without that (N, R, K) copy of the logits,
+    nor the split of its gradient back into levels: each level's loss and gradient are computed
+    on a view of the head's output, and the gradient is written in its layout.
+
+    Args:
+        pred_logits (list[Tensor]): L levels of (N, A*K, Hi, Wi), the head's output.
+        gt_labels (Tensor): (N, R) int, R = sum of Hi*Wi*A, anchors ordered by level, then
+            (Hi, Wi, A) as detectron2's ``permute_to_N_HWA_K``; 0..K-1 foreground, K
+            background, -1 ignored.
+        alpha, gamma, alpha_per_class: as in :func:`sigmoid_focal_loss_from_labels`.
+
+    Returns:
+        Tensor: scalar, float32 (float64 for float64 logits).
+    """
+    k = _check_levels(pred_logits, gt_labels, alpha_per_class)[1]
+    if alpha_per_class is not None:
+        check_alpha_per_class(alpha_per_class.tolist())
+    return _focal_per_level(pred_logits, gt_labels, alpha, gamma, alpha_per_class, k)
+
+
+def sigmoid_focal_loss_star_per_level(pred_logits: Sequence[Tensor], gt_labels: Tensor,
+                                      gamma: float = 1.0, beta: float = 0.0, alpha: float = -1,
+                                      alpha_per_class: Optional[Tensor] = None) -> Tensor:
+    """FL* (Appendix A) in the head's per-level layout; arguments as
+    :func:`sigmoid_focal_loss_per_level` and :func:`sigmoid_focal_loss_star_from_labels`."""
+    k = _check_levels(pred_logits, gt_labels, alpha_per_class)[1]
+    if alpha_per_class is not None:
+        check_alpha_per_class(alpha_per_class.tolist())
+    return _star_per_level(pred_logits, gt_labels, gamma, beta, alpha, alpha_per_class, k)
+
+
+def _check_levels(pred_logits: Sequence[Tensor], gt_labels: Tensor,
+                  alpha_per_class: Optional[Tensor]) -> tuple:
+    """(A, K) of the head's layout, or ValueError / TypeError naming what does not fit."""
+    if len(pred_logits) == 0:
+        raise ValueError("pred_logits must hold at least one level")
+    if gt_labels.dim() != 2:
+        raise ValueError(f"gt_labels must be (N, R), got shape {tuple(gt_labels.shape)}")
+    if gt_labels.dtype not in _LABEL_DTYPES:
+        raise TypeError(f"labels must be an integer tensor of class indices, got "
+                        f"{gt_labels.dtype}")
+    num_images, num_anchors = gt_labels.shape
+    for i, x in enumerate(pred_logits):
+        if x.dim() != 4 or x.shape[0] != num_images:
+            raise ValueError(f"pred_logits[{i}] must be (N={num_images}, A*K, Hi, Wi), got "
+                             f"shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"logits must be a floating-point tensor, got {x.dtype}")
+    locations = sum(x.shape[2] * x.shape[3] for x in pred_logits)
+    a = num_anchors // max(locations, 1)
+    channels = {x.shape[1] for x in pred_logits}
+    if a * locations != num_anchors or len(channels) != 1 or a == 0 or channels.pop() % a:
+        raise ValueError(
+            f"gt_labels' {num_anchors} anchors do not fit the levels' shapes "
+            f"{[tuple(x.shape) for x in pred_logits]} (R must be sum(Hi*Wi) * A and every level "
+            "must have A*K channels)"
+        )
+    k = pred_logits[0].shape[1] // a
+    if alpha_per_class is not None and alpha_per_class.shape != (k,):
+        raise ValueError(f"alpha_per_class must have one value per class ({k}), got shape "
+                         f"{tuple(alpha_per_class.shape)}")
+    return a, k
+
+
+def _over_levels(pred_logits: Sequence[Tensor], gt_labels: Tensor, num_classes: int,
+                 level_loss: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Sum of ``level_loss(x, labels)`` over levels, x a (N, A, K, Hi*Wi) view of the level's
+    logits and labels its (N, A, 1, Hi*Wi) (strided) view of gt_labels."""
+    num_images = gt_labels.shape[0]
+    total, start = None, 0
+    for x in pred_logits:
+        h, w = x.shape[2], x.shape[3]
+        a = x.shape[1] // num_classes
+        x4 = x.reshape(num_images, a, num_classes, h * w)  # a view of a contiguous head output
+        labels = gt_labels[:, start:start + h * w * a].reshape(num_images, h * w, a)
+        start += h * w * a
+        # A contiguous (N, A, 1, HW) int32 copy of the level's labels (1/K of the logits'
+        # elements): through the strided (Hi*Wi, A) -> (A, Hi*Wi) view the kernel would gather
+        # each vector of labels element by element, which made it 2-3x slower.
+        # Clamped first: any id >= K is background and any id < 0 ignored, so none overflows.
+        labels = labels.transpose(1, 2).clamp(-1, num_classes)
+        labels = labels.to(torch.int32, memory_format=torch.contiguous_format)
+        loss = level_loss(x4, labels.unsqueeze(2))
+        total = loss if total is None else total + loss
+    return total
+
+
+def _focal_per_level(pred_logits: Sequence[Tensor], gt_labels: Tensor, alpha: float,
+                     gamma: float, alpha_per_class: Optional[Tensor], num_classes: int) -> Tensor:
+    """:func:`sigmoid_focal_loss_per_level` with shapes checked and without the value checks
+    of ``alpha_per_class`` (see :func:`_focal_from_labels`)."""
+    check_focal_params(alpha, gamma)
+    return _over_levels(pred_logits, gt_labels, num_classes, lambda x, labels: fused.fused(
+        fused.label_focal, "sum", x, labels, float(alpha), float(gamma), alpha >= 0,
+        fused.gamma_mode(gamma), alpha_per_class, -2))
+
+
+def _star_per_level(pred_logits: Sequence[Tensor], gt_labels: Tensor, gamma: float, beta: float,
+                    alpha: float, alpha_per_class: Optional[Tensor], num_classes: int) -> Tensor:
+    """:func:`sigmoid_focal_loss_star_per_level` without its checks (see
+    :func:`_focal_per_level`)."""
+    check_focal_params(alpha, gamma, star=True)
+    return _over_levels(pred_logits, gt_labels, num_classes, lambda x, labels: fused.fused(
+        fused.label_focal_star, "sum", x, labels, float(alpha), float(gamma), float(beta),
+        alpha >= 0, alpha_per_class, -2))
 
 
 def alpha_balanced_ce(inputs: Tensor, targets: Tensor, alpha: float = 0.25,
@@ -181,22 +339,63 @@ def softmax_focal_loss(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamm
             f"softmax_focal_loss expects logits (M, C) and labels (M,), got "
             f"{tuple(logits.shape)} and {tuple(labels.shape)}"
         )
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}")
+    if labels.dtype not in _LABEL_DTYPES:
+        raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
     check_focal_params(alpha, gamma)
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     valid = labels >= 0
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
-    log_p_t = F.log_softmax(logits.to(fused.compute_dtype(logits.dtype)), dim=-1)
-    log_p_t = log_p_t.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    loss = -((1 - log_p_t.exp()) ** gamma) * log_p_t if gamma != 0 else -log_p_t
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    weight = valid.to(fused.compute_dtype(logits.dtype))
     if alpha >= 0 and background_index is not None:
-        loss = loss * torch.where(safe == background_index, 1 - alpha, alpha)
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
+        weight = weight * torch.where(safe == background_index, 1 - alpha, alpha)
+    loss = _SoftmaxFocal.apply(logits, safe, weight, float(gamma))
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":
         return loss.sum() / valid.sum().clamp(min=1)
     return loss
+
+
+def _softmax_focal_terms(logits: Tensor, labels: Tensor, gamma: float):
+    """log p_t, q = 1 - p_t (accurate near p_t = 1) and the softmax, in the compute dtype."""
+    log_p = F.log_softmax(logits.to(fused.compute_dtype(logits.dtype)), dim=-1)
+    log_p_t = log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return log_p_t, -torch.expm1(log_p_t), log_p
+
+
+class _SoftmaxFocal(torch.autograd.Function):
+    """Per-row -w (1 - p_t)^gamma log p_t with its analytic gradient.
+
+    Autograd through ``(1 - p_t) ** gamma`` multiplies the infinite derivative of q^gamma at
+    q = 0 (gamma < 1, p_t rounding to 1) by 0 and returns NaN, for ignored rows too. Written in
+    log p_t (lp) with r = lp / q, which tends to -1 as q -> 0:
+
+        dL/dlp = -w q^gamma (1 - gamma p_t r),   dlp/dx_j = [j = t] - p_j,
+
+    finite everywhere, and 0 at q = 0 for gamma > 0 (the limit).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, weight: Tensor, gamma: float) -> Tensor:
+        log_p_t, q, _ = _softmax_focal_terms(logits.detach(), labels, gamma)
+        ctx.save_for_backward(logits, labels, weight)
+        ctx.gamma = gamma
+        return -weight * q**gamma * log_p_t
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        logits, labels, weight = ctx.saved_tensors
+        gamma = ctx.gamma
+        log_p_t, q, log_p = _softmax_focal_terms(logits, labels, gamma)
+        r = torch.where(q > 0, log_p_t / q, torch.full_like(q, -1.0))
+        d_lp = -weight * q**gamma * (1 - gamma * log_p_t.exp() * r) * grad_out
+        grad = -log_p.exp() * d_lp.unsqueeze(-1)
+        grad.scatter_add_(-1, labels.unsqueeze(-1), d_lp.unsqueeze(-1))
+        return grad.to(logits.dtype), None, None, None
 
 
 def sigmoid_focal_loss_reference(inputs: Tensor, targets: Tensor, alpha: float = 0.25,

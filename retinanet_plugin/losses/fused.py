@@ -112,14 +112,20 @@ def _dense_focal_star(x: Tensor, t: Tensor, gamma: Tensor, beta: Tensor, alpha: 
     return (loss.sum() if reduce else loss), _flush(grad)
 
 
-def _label_weights(labels: Tensor, num_classes: int, alpha: Tensor, use_alpha: bool,
-                   alpha_vec: Optional[Tensor], dtype: torch.dtype):
-    """One-hot mask (M, K) and alpha_t (M, K) from class indices; ignored rows get weight 0."""
-    classes = torch.arange(num_classes, device=labels.device)
-    is_t = labels.unsqueeze(-1) == classes
-    valid = (labels >= 0).unsqueeze(-1).to(dtype)
+def _label_weights(labels: Tensor, num_classes: int, class_dim: int, alpha: Tensor,
+                   use_alpha: bool, alpha_vec: Optional[Tensor], dtype: torch.dtype):
+    """One-hot mask and alpha_t, both of x's shape, from class indices; ignored rows get weight
+    0. ``labels`` has x's shape except for size 1 at ``class_dim`` (-1: (M, 1) for (M, K)
+    logits; -2: (N, A, 1, HW) for the head's (N, A, K, HW) layout)."""
+    class_shape = (num_classes,) + (1,) * (-class_dim - 1)
+    # Compared in the labels' own width when int32 (the per-level path passes int32 labels).
+    index_dtype = torch.int32 if labels.dtype == torch.int32 else torch.int64
+    classes = torch.arange(num_classes, device=labels.device, dtype=index_dtype)
+    classes = classes.view(class_shape)
+    is_t = labels == classes
+    valid = (labels >= 0).to(dtype)
     if alpha_vec is not None:
-        a_pos = alpha_vec.to(dtype)
+        a_pos = alpha_vec.to(dtype).view(class_shape)
         a_t = torch.where(is_t, a_pos, 1 - a_pos)
     elif use_alpha:
         a_t = torch.where(is_t, alpha, 1 - alpha).to(dtype)
@@ -129,15 +135,18 @@ def _label_weights(labels: Tensor, num_classes: int, alpha: Tensor, use_alpha: b
 
 
 def _label_focal(x: Tensor, labels: Tensor, alpha: Tensor, gamma: Tensor, use_alpha: bool,
-                 mode: int, alpha_vec: Optional[Tensor], reduce: bool):
+                 mode: int, alpha_vec: Optional[Tensor], class_dim: int, reduce: bool):
     """Eq. 5 with class-index targets, value and d/dx, without a dense one-hot input.
 
     Args:
-        x (Tensor): (M, K) logits.
-        labels (Tensor): (M,) int64; 0..K-1 foreground class, K (or any other value >= K)
-            background, -1 ignored (no loss, no gradient).
+        x (Tensor): logits, (M, K) with class_dim = -1, or the head's (N, A, K, HW) with
+            class_dim = -2.
+        labels (Tensor): int, x's shape with size 1 at class_dim ((M, 1) or (N, A, 1, HW));
+            0..K-1 foreground class, K (or any other value >= K) background, -1 ignored (no
+            loss, no gradient).
     """
-    is_t, a_t = _label_weights(labels, x.shape[-1], alpha, use_alpha, alpha_vec, x.dtype)
+    is_t, a_t = _label_weights(labels, x.shape[class_dim], class_dim, alpha, use_alpha,
+                               alpha_vec, x.dtype)
     x_t = torch.where(is_t, x, -x)
     p_t, q, e = _sigmoids(x_t)
     nll = torch.clamp(-x_t, min=0) + torch.log1p(e)  # -log p_t
@@ -150,19 +159,18 @@ def _label_focal(x: Tensor, labels: Tensor, alpha: Tensor, gamma: Tensor, use_al
 
 
 def _label_focal_star(x: Tensor, labels: Tensor, alpha: Tensor, gamma: Tensor, beta: Tensor,
-                      use_alpha: bool, alpha_vec: Optional[Tensor], reduce: bool):
-    """FL* (Appendix A) with class-index targets, value and d/dx."""
-    is_t, a_t = _label_weights(labels, x.shape[-1], alpha, use_alpha, alpha_vec, x.dtype)
+                      use_alpha: bool, alpha_vec: Optional[Tensor], class_dim: int,
+                      reduce: bool):
+    """FL* (Appendix A) with class-index targets, value and d/dx; layouts as
+    :func:`_label_focal`."""
+    is_t, a_t = _label_weights(labels, x.shape[class_dim], class_dim, alpha, use_alpha,
+                               alpha_vec, x.dtype)
     z = gamma * torch.where(is_t, x, -x) + beta
     _, s_neg, e = _sigmoids(z)
     loss = a_t * (torch.clamp(-z, min=0) + torch.log1p(e)) / gamma
     g_t = -a_t * s_neg
     grad = torch.where(is_t, g_t, -g_t)
     return (loss.sum() if reduce else loss), _flush(grad)
-
-
-def _scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
-    return _flush(grad * scale)
 
 
 def _scale_grad_(grad: Tensor, scale: Tensor) -> Tensor:
@@ -174,8 +182,30 @@ def _compile_enabled() -> bool:
     return os.environ.get("RETINANET_PLUGIN_COMPILE", "1") != "0"
 
 
+def _compile_errors() -> Tuple[type, ...]:
+    """Exception types that mean "this kernel could not be compiled" (no C++ compiler, no Triton,
+    an Inductor or Dynamo limitation), as opposed to an error of the call itself (out of memory,
+    a tensor on the wrong device) that the eager kernel would raise as well. Looked up by name:
+    the set differs between torch versions."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+
+    names = [(dynamo_exc, "BackendCompilerFailed"), (dynamo_exc, "Unsupported"),
+             (dynamo_exc, "InternalTorchDynamoError"), (dynamo_exc, "InvalidBackend"),
+             (inductor_exc, "InductorError"), (inductor_exc, "CppCompileError"),
+             (inductor_exc, "InvalidCxxCompiler"), (inductor_exc, "TritonMissing"),
+             (inductor_exc, "GPUTooOldForTriton"), (inductor_exc, "LoweringException")]
+    return tuple(getattr(m, n) for m, n in names if isinstance(getattr(m, n, None), type))
+
+
 class _Kernel:
-    """A kernel run through ``torch.compile``, falling back to eager if compilation fails."""
+    """A kernel run through ``torch.compile``, falling back to eager if compilation fails.
+
+    Only a compilation failure switches this kernel to eager (once, with a warning); any other
+    exception of a compiled call is the caller's error and is raised unchanged, so that a
+    transient failure (say a CUDA out-of-memory) does not leave the rest of the run on the
+    slower eager path.
+    """
 
     def __init__(self, fn: Callable):
         self.fn = fn
@@ -193,9 +223,9 @@ class _Kernel:
             self._compiled = torch.compile(self.fn, dynamic=True)
         try:
             out = self._compiled(*args)
-        except Exception as exc:  # a missing compiler or backend; results are the same eagerly
-            logger.warning("torch.compile of %s failed (%s); using eager kernels.",
-                           self.fn.__name__, exc)
+        except _compile_errors() as exc:  # results are the same eagerly, only slower
+            logger.warning("torch.compile of %s failed (%s: %s); using eager kernels.",
+                           self.fn.__name__, type(exc).__name__, exc)
             self._failed = True
             return self.fn(*args)
         self.backend = "inductor"
@@ -206,7 +236,6 @@ dense_focal = _Kernel(_dense_focal)
 dense_focal_star = _Kernel(_dense_focal_star)
 label_focal = _Kernel(_label_focal)
 label_focal_star = _Kernel(_label_focal_star)
-scale_grad = _Kernel(_scale_grad)
 scale_grad_ = _Kernel(_scale_grad_)
 
 
@@ -215,56 +244,64 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _kernel_args(x: Tensor, args) -> list:
+    """Floats become 0-dim tensors (a fill on the device, no host sync) so that changing alpha
+    or gamma does not recompile the kernel; float tensors are cast to the compute dtype."""
+    cdt = compute_dtype(x.dtype)
+    return [
+        torch.full((), a, dtype=cdt, device=x.device) if isinstance(a, float)
+        else a.to(cdt) if isinstance(a, Tensor) and a.is_floating_point() else a
+        for a in args
+    ]
+
+
+def _run_kernel(kernel: _Kernel, x: Tensor, args, reduce: bool) -> Tuple[Tensor, Tensor]:
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return kernel(x.detach().to(compute_dtype(x.dtype)), *_kernel_args(x, args), reduce)
+
+
 class _FusedLoss(torch.autograd.Function):
-    """Runs a kernel that returns (loss, d loss / d x) and keeps the gradient for backward."""
+    """Runs a kernel that returns (loss, d loss / d x) and keeps the gradient for backward.
+
+    The first backward scales the kept gradient in place and hands that buffer to autograd,
+    keeping no reference to it (a fresh (M, K) buffer costs about as much as the arithmetic on
+    CPU, and autograd may adopt the buffer as ``x.grad``). A further backward
+    (``retain_graph=True``) recomputes the gradient from the saved inputs.
+    """
 
     @staticmethod
     def forward(ctx, kernel, reduction: str, x: Tensor, *args):
         ctx.in_dtype = x.dtype
+        ctx.kernel = kernel
+        ctx.reduce = reduction != "none"
         ctx.num_args = len(args)
-        ctx.scaled_by = None
+        # Tensors go through save_for_backward (an in-place change before a recomputing
+        # backward is caught by autograd's version check); the rest is kept as is.
+        ctx.tensor_at = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+        ctx.other_args = [None if isinstance(a, Tensor) else a for a in args]
+        ctx.save_for_backward(x, *[args[i] for i in ctx.tensor_at])
         # As torch's mean: the mean of an empty input is NaN (fvcore and torchvision agree).
         ctx.mean_over = x.numel() if reduction == "mean" else 1
-        cdt = compute_dtype(x.dtype)
-        # Floats become 0-dim tensors (a fill on the device, no host sync) so that changing alpha
-        # or gamma does not recompile the kernel.
-        args = [
-            torch.full((), a, dtype=cdt, device=x.device) if isinstance(a, float)
-            else a.to(cdt) if isinstance(a, Tensor) and a.is_floating_point() else a
-            for a in args
-        ]
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            loss, grad = kernel(x.detach().to(cdt), *args, reduction != "none")
+        loss, grad = _run_kernel(kernel, x, args, ctx.reduce)
         if reduction == "mean":
             loss = loss / ctx.mean_over
-        # Kept as an attribute, not with save_for_backward: backward rescales it in place, and
-        # nothing but this Function ever sees it.
         ctx.grad = grad
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        grad = ctx.grad
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:  # the first backward gave its buffer away
+            x, *tensors = ctx.saved_tensors
+            args = list(ctx.other_args)
+            for i, t in zip(ctx.tensor_at, tensors):
+                args[i] = t
+            _, grad = _run_kernel(ctx.kernel, x, args, ctx.reduce)
         scale = grad_out.to(grad.dtype)
         if ctx.mean_over not in (0, 1):
             scale = scale / ctx.mean_over
-        if scale.dim() != 0:
-            grad_x = scale_grad(grad, scale)
-        elif ctx.scaled_by is None:
-            # The kept gradient is ours alone, so the first backward rescales it in place (a
-            # fresh (M, K) buffer costs as much as the arithmetic on CPU); the grad handed to
-            # autograd is a view so that accumulating into x.grad cannot alter it.
-            ctx.scaled_by = scale
-            grad_x = scale_grad_(grad, scale).view_as(grad)
-        else:
-            # A further backward (retain_graph=True) undoes the first scale out of place.
-            if bool(ctx.scaled_by == 0):
-                raise RuntimeError(
-                    "a second backward through a fused focal loss whose first backward had a "
-                    "zero upstream gradient cannot be computed; recompute the loss"
-                )
-            grad_x = scale_grad(grad, scale / ctx.scaled_by)
+        grad_x = scale_grad_(grad, scale)
         return (None, None, grad_x.to(ctx.in_dtype)) + (None,) * ctx.num_args
 
 
