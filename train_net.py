@@ -25,8 +25,15 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 
 from retinanet_plugin import RetinaNetCheckpointer, add_retinanet_plugin_config
+from retinanet_plugin.config import load_config_file
 from retinanet_plugin.data.deepforest import DATASET_NAMES, register_deepforest
 from retinanet_plugin.engine import launch, wrap_ddp_on_cpu
+from retinanet_plugin.engine.resume import (
+    LossNormalizerStates,
+    build_resumable_train_loader,
+    continue_data_stream,
+    missing_trainer_state,
+)
 from retinanet_plugin.utils import has_compiled_ops
 from retinanet_plugin.visualize import save_prediction_grid
 
@@ -73,16 +80,38 @@ class Trainer(DefaultTrainer):
             dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops()
         )
 
+    @classmethod
+    def build_train_loader(cls, cfg):
+        # Its sampler can continue the data stream where a killed run stopped.
+        return build_resumable_train_loader(cfg)
+
     def build_hooks(self):
+        # DefaultTrainer.__init__ made a DetectionCheckpointer just before calling build_hooks;
+        # ours (atomic saves, loads that cannot run code) replaces it before the hooks take it.
+        # It also saves the loss normaliser's moving average, which the model does not hold.
+        old = self.checkpointer
+        self.checkpointer = RetinaNetCheckpointer(
+            old.model,
+            old.save_dir,
+            fine_tune=True,
+            loss_normalizers=LossNormalizerStates(old.model),
+            **old.checkpointables,
+            **missing_trainer_state(self),
+        )
         # Appended last: it runs after EvalHook's final evaluation has saved the detections.
         return super().build_hooks() + [PredictionsPicture()]
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        images_per_batch = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        continue_data_stream(self._trainer, self.start_iter, images_per_batch)
 
 
 def setup(args):
     """Creates the config from --config-file and the trailing KEY VALUE opts."""
     cfg = get_cfg()
     add_retinanet_plugin_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    load_config_file(cfg, args.config_file)  # refuses YAML tags that would run code
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
