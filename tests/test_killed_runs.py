@@ -25,6 +25,7 @@ from test_train_net import DEMO_CONFIG, FAST_OPTS, REPO, TINY, _load_train_net, 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser
 
+from retinanet_plugin import RetinaNetCheckpointer
 from retinanet_plugin.checkpoint import TMP_PREFIX
 
 __all__ = ["datasets_dir"]  # the fixture, shared with test_train_net.py
@@ -156,3 +157,25 @@ def test_killed_three_times_ends_as_uninterrupted(datasets_dir, tmp_path):
     for index, state in _optimizer_state(expected)["state"].items():
         assert torch.equal(momenta[index]["momentum_buffer"], state["momentum_buffer"]), index
     assert final["loss_normalizers"] == expected["loss_normalizers"]
+
+
+def test_failed_save_keeps_last_complete_checkpoint(tmp_path, monkeypatch):
+    """A save that dies while writing (here: torch.save raises after writing part of the file)
+    leaves the previous checkpoint and last_checkpoint as they were, and no partial file."""
+    model = torch.nn.Linear(3, 2)
+    checkpointer = RetinaNetCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000001", iteration=1)
+    save = torch.save
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")  # the first bytes of a zip checkpoint
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        checkpointer.save("model_0000002", iteration=2)
+    monkeypatch.setattr(torch, "save", save)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth"]
+    assert checkpointer.get_checkpoint_file() == str(tmp_path / "model_0000001.pth")
+    assert _load(tmp_path / "model_0000001.pth")["iteration"] == 1
