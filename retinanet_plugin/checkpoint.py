@@ -155,6 +155,24 @@ def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
             os.close(dir_fd)
 
 
+def _writer_alive(tmp_name: str) -> bool:
+    """Whether another live process (e.g. a training run while this one only evaluates) may still
+    be writing the temporary file ``tmp_name`` (``<prefix><name>-<pid>-<token>``)."""
+    try:
+        pid = int(tmp_name.rsplit("-", 2)[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 class RetinaNetCheckpointer(DetectionCheckpointer):
     """:class:`DetectionCheckpointer` with atomic saves, code-free loads and a class-count check.
 
@@ -233,11 +251,12 @@ class RetinaNetCheckpointer(DetectionCheckpointer):
         if not os.path.isdir(self.save_dir):
             return
         for name in sorted(os.listdir(self.save_dir)):
-            if name.startswith(TMP_PREFIX):
-                path = os.path.join(self.save_dir, name)
-                logger.warning("Removing %s: a save that was interrupted before completion", path)
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+            if not name.startswith(TMP_PREFIX) or _writer_alive(name):
+                continue
+            path = os.path.join(self.save_dir, name)
+            logger.warning("Removing %s: a save that was interrupted before completion", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
     # ---- loading ----
 

@@ -69,7 +69,8 @@ def test_crafted_pth_is_refused(tmp_path, canary):
     assert canary.exists()
     canary.unlink()
 
-    with pytest.raises(UnsafeCheckpointError, match=r"(?s)Refusing to load .*crafted\.pth.*posix\.system"):
+    refused = r"(?s)Refusing to load .*crafted\.pth.*\w+\.system"
+    with pytest.raises(UnsafeCheckpointError, match=refused):
         RetinaNetCheckpointer(_model()).load(str(path))
     assert not canary.exists()
 
@@ -81,7 +82,7 @@ def test_crafted_pkl_is_refused(tmp_path, canary):
     assert canary.exists()
     canary.unlink()
 
-    with pytest.raises(UnsafeCheckpointError, match=r"crafted\.pkl: it names posix\.system"):
+    with pytest.raises(UnsafeCheckpointError, match=r"crafted\.pkl: it names \w+\.system"):
         RetinaNetCheckpointer(_model()).load(str(path))
     with pytest.raises(UnsafeCheckpointError, match="crafted.pkl"):
         load_pickle_safely(str(path))

@@ -88,7 +88,8 @@ def _run_until_killed(tmp_path, out, datasets_dir, kill_at, resume):
     try:
         deadline = time.monotonic() + 300
         while not marker.exists():
-            assert proc.poll() is None, f"exited {proc.returncode} early:\n{log.read_text()[-3000:]}"
+            if proc.poll() is not None:
+                pytest.fail(f"exited {proc.returncode} early:\n{log.read_text()[-3000:]}")
             assert time.monotonic() < deadline, "kill point never reached"
             time.sleep(0.1)
     finally:
