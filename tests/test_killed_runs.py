@@ -180,3 +180,15 @@ def test_failed_save_keeps_last_complete_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth"]
     assert checkpointer.get_checkpoint_file() == str(tmp_path / "model_0000001.pth")
     assert _load(tmp_path / "model_0000001.pth")["iteration"] == 1
+
+
+def test_resume_removes_only_dead_writers_temp_files(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its pid names no process (until reused)
+    left_by_kill = tmp_path / f"{TMP_PREFIX}model_0000005.pth-{dead.pid}-0a1b2c3d"
+    # e.g. a training run still writing while another process evaluates the same OUTPUT_DIR
+    being_written = tmp_path / f"{TMP_PREFIX}model_0000006.pth-{os.getppid()}-0a1b2c3d"
+    left_by_kill.write_bytes(b"partial")
+    being_written.write_bytes(b"partial")
+    RetinaNetCheckpointer(torch.nn.Linear(3, 2), str(tmp_path)).resume_or_load("", resume=True)
+    assert sorted(tmp_path.iterdir()) == [being_written]
