@@ -9,8 +9,9 @@ checkpoint settle there)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory_slope.py --iters 300
 
-Prints RSS every ``--every`` steps and the slope in MiB per 100 iterations; a leak of one
-image's tensors per step (400 x 400 x 3 float32 = 1.8 MiB) would show as ~180 MiB / 100 its.
+Prints RSS every ``--every`` steps (lines starting with "RSS", as training goes), then the
+slope in MiB per 100 iterations; a leak of one image's tensors per step (400 x 400 x 3 float32 =
+1.8 MiB) would show as ~180 MiB / 100 its.
 """
 
 import argparse
@@ -46,8 +47,9 @@ def _children(pid: int) -> List[int]:
 class RSSRecorder(HookBase):
     """After each step: (iteration, trainer RSS, workers' summed RSS) in MiB."""
 
-    def __init__(self):
+    def __init__(self, every: int):
         self.readings: List[Tuple[int, float, float]] = []
+        self.every = every
 
     def after_step(self):
         pid = os.getpid()
@@ -58,6 +60,10 @@ class RSSRecorder(HookBase):
             except FileNotFoundError:  # a worker that just exited
                 pass
         self.readings.append((self.trainer.iter, _rss_mib(pid), workers))
+        if self.trainer.iter % self.every == 0 or self.trainer.iter == self.trainer.max_iter - 1:
+            # Printed as it goes, so that a run stopped early still shows its readings.
+            print(f"RSS {self.readings[-1][0]:>9} {self.readings[-1][1]:>12.1f} "
+                  f"{self.readings[-1][2]:>12.1f}", flush=True)
 
 
 def slope_per_100(points: List[Tuple[int, float]]) -> float:
@@ -94,15 +100,12 @@ def main() -> Dict[str, float]:
             )
         )
         trainer = train_net.Trainer(cfg)
-        recorder = RSSRecorder()
+        recorder = RSSRecorder(args.every)
+        print(f"RSS {'iteration':>9} {'trainer MiB':>12} {'workers MiB':>12}", flush=True)
         trainer.register_hooks([recorder])
         trainer.resume_or_load(resume=False)
         trainer.train()
 
-    print(f"{'iteration':>9} {'trainer MiB':>12} {'workers MiB':>12}")
-    for it, main_rss, workers in recorder.readings:
-        if it % args.every == 0 or it == args.iters - 1:
-            print(f"{it:>9} {main_rss:>12.1f} {workers:>12.1f}")
     fitted = [r for r in recorder.readings if r[0] >= args.skip]
     result = {
         "iterations": args.iters,
