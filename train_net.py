@@ -23,6 +23,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, HookBase, default_argument_parser, default_setup
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from retinanet_plugin import RetinaNetCheckpointer, add_retinanet_plugin_config
 from retinanet_plugin.config import load_config_file
@@ -115,6 +116,8 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # The plugin's own messages (e.g. resuming, removing an unfinished save) in the log too.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retinanet_plugin")
     if set(DATASET_NAMES.values()) & set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST):
         register_deepforest()
     return cfg

@@ -139,6 +139,8 @@ def test_killed_three_times_ends_as_uninterrupted(datasets_dir, tmp_path):
     # Resumed at 2 again (the unfinished save removed), killed right after that checkpoint.
     _run_until_killed(tmp_path, out, datasets_dir, "tagged:model_0000003.pth", True)
     _check_left(out, "model_0000003.pth")
+    removed = f"Removing {unfinished}: a save that was interrupted before completion"
+    assert removed in (out / "log.txt").read_text()
 
     # Resumed at 3 + 1, trains to MAX_ITER, evaluates.
     train_net.main(default_argument_parser().parse_args(_args(out, resume=True)))
