@@ -23,8 +23,7 @@ import logging
 import os
 from collections import OrderedDict
 
-from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import (
     DefaultTrainer,
     HookBase,
@@ -36,23 +35,26 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from retinanet_plugin import RetinaNetCheckpointer, add_retinanet_plugin_config
+from retinanet_plugin import RetinaNetCheckpointer
+from retinanet_plugin.config import load_config
 from retinanet_plugin.data import (
     CrowdDatasetMapper,
     RobustDatasetMapper,
-    build_robust_train_loader,
     check_datasets,
-    register_datasets_from_cfg,
-    register_deepforest,
 )
-from retinanet_plugin.data.deepforest import DATASET_NAMES
-from retinanet_plugin.data.registration import resolve_dataset_paths
+from retinanet_plugin.data.registration import register_config_datasets
 from retinanet_plugin.engine import (
     BatchRecorder,
     SkippedImagesHook,
     guard_nonfinite_losses,
     launch,
     wrap_ddp_on_cpu,
+)
+from retinanet_plugin.engine.resume import (
+    LossNormalizerStates,
+    build_resumable_train_loader,
+    continue_data_stream,
+    missing_trainer_state,
 )
 from retinanet_plugin.evaluation import build_coco_evaluator
 from retinanet_plugin.test_time_augmentation import FocalRetinaNetWithTTA
@@ -127,20 +129,22 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        # 16-bit grayscale keeps its contrast; DATALOADER.SKIP_UNREADABLE_IMAGES skips images
-        # that fail to decode. BatchRecorder keeps the last batch's image ids for the loss guard.
+        # The mapper: 16-bit grayscale keeps its contrast, DATALOADER.SKIP_UNREADABLE_IMAGES
+        # skips images that fail to decode; with MODEL.RETINANET.CROWD_IGNORE one that keeps the
+        # crowd regions detectron2's mapper drops. The sampler can continue the data stream where
+        # a killed run stopped; BatchRecorder keeps the last batch's image ids for the loss guard.
         if cfg.MODEL.RETINANET.CROWD_IGNORE:
             if cfg.DATALOADER.SKIP_UNREADABLE_IMAGES:
                 raise ValueError(
                     "MODEL.RETINANET.CROWD_IGNORE and DATALOADER.SKIP_UNREADABLE_IMAGES cannot be "
                     "combined yet: the crowd-keeping mapper does not skip images; turn one off"
                 )
-            # detectron2's mapper drops crowd regions; the model needs them to ignore their
-            # anchors.
             mapper = CrowdDatasetMapper(cfg, is_train=True)
-            return BatchRecorder(build_detection_train_loader(cfg, mapper=mapper), skipped=None)
-        loader, mapper = build_robust_train_loader(cfg)
-        return BatchRecorder(loader, skipped=mapper.skipped if mapper.skip_unreadable else None)
+        else:
+            mapper = RobustDatasetMapper(cfg, is_train=True)
+        loader = build_resumable_train_loader(cfg, mapper=mapper)
+        skipped = mapper.skipped if getattr(mapper, "skip_unreadable", False) else None
+        return BatchRecorder(loader, skipped=skipped)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -170,6 +174,18 @@ class Trainer(DefaultTrainer):
         return OrderedDict((k + "_TTA", v) for k, v in res.items())
 
     def build_hooks(self):
+        # DefaultTrainer.__init__ made a DetectionCheckpointer just before calling build_hooks;
+        # ours (atomic saves, loads that cannot run code) replaces it before the hooks take it.
+        # It also saves the loss normaliser's moving average, which the model does not hold.
+        old = self.checkpointer
+        self.checkpointer = RetinaNetCheckpointer(
+            old.model,
+            old.save_dir,
+            fine_tune=True,
+            loss_normalizers=LossNormalizerStates(old.model),
+            **old.checkpointables,
+            **missing_trainer_state(self),
+        )
         ret = super().build_hooks()
         if self.cfg.TEST.AUG.ENABLED:
             # After the final plain evaluation, as detectron2's R-CNN train_net.py does.
@@ -179,14 +195,14 @@ class Trainer(DefaultTrainer):
         skipped = getattr(self._trainer.data_loader, "skipped", None)
         return ret + ([SkippedImagesHook(skipped)] if skipped is not None else [])
 
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        images_per_batch = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        continue_data_stream(self._trainer, self.start_iter, images_per_batch)
+
 
 def _merged_cfg(args):
-    cfg = get_cfg()
-    add_retinanet_plugin_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    resolve_dataset_paths(cfg, args.config_file, args.opts)
-    return cfg
+    return load_config(args.config_file, args.opts)
 
 
 def configured_device(args):
@@ -203,9 +219,7 @@ def setup(args):
     default_setup(cfg, args)
     # The plugin's own messages (dataset checks, skipped images) in the console and log.txt.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retinanet_plugin")
-    register_datasets_from_cfg(cfg)
-    if set(DATASET_NAMES.values()) & set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST):
-        register_deepforest()
+    register_config_datasets(cfg)
     check_datasets(cfg, train=not args.eval_only)
     return cfg
 

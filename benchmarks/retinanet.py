@@ -33,6 +33,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from retinanet_plugin import FocalRetinaNet, add_retinanet_plugin_config
+from retinanet_plugin.config import load_config_file
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,7 +60,7 @@ def parse_args() -> argparse.Namespace:
 def build_models(depth: int, device: str) -> Tuple[RetinaNet, FocalRetinaNet]:
     cfg = get_cfg()
     add_retinanet_plugin_config(cfg)
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
+    load_config_file(cfg, model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = device
     cfg.MODEL.RESNETS.DEPTH = depth

@@ -26,7 +26,8 @@ def make_candidates(num, num_classes, device, seed=0):
     centers = torch.rand(num // 20, 2, generator=g) * 800
     sizes = 16 + torch.rand(num // 20, 2, generator=g) * 100
     centers = centers.repeat_interleave(20, dim=0) + torch.randn(num // 20 * 20, 2, generator=g) * 4
-    sizes = sizes.repeat_interleave(20, dim=0) * (1 + 0.1 * torch.randn(len(centers), 1, generator=g))
+    jitter = 1 + 0.1 * torch.randn(len(centers), 1, generator=g)
+    sizes = sizes.repeat_interleave(20, dim=0) * jitter
     boxes = torch.cat([centers - sizes / 2, centers + sizes / 2], dim=1)
     scores = torch.rand(len(boxes), generator=g)
     classes = torch.randint(num_classes, (len(boxes),), generator=g)

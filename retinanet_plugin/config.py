@@ -6,6 +6,10 @@ names it. The keys below are new; each comment gives its meaning and, where the 
 symbol.
 """
 
+from typing import Sequence
+
+import yaml
+
 from detectron2.config import CfgNode as CN
 
 from .backbone import add_mobilenet_config
@@ -57,6 +61,15 @@ def add_retinanet_plugin_config(cfg: CN) -> CN:
     _set_default(ohem, "POSITIVE_FRACTION", -1.0)
 
     _add_test_time_and_crowd_config(cfg.MODEL.RETINANET)
+
+    # ---- Killed runs resume exactly (issue 8) ----
+    # Whether each training image's random augmentations (flips, scale choice) are drawn from a
+    # seed made of the sampler's seed and the image's position in the data stream, so that a run
+    # killed and resumed sees the same augmented batches as an uninterrupted one. False is
+    # detectron2's: one random stream per loader worker, reseeded whenever workers start (on
+    # resume too). Takes effect with DATALOADER.SAMPLER_TRAIN = "TrainingSampler".
+    _set_default(cfg.DATALOADER, "PER_IMAGE_SEED", False)
+
     add_mobilenet_config(cfg)
 
     # ---- Own data (retinanet_plugin.data.registration, train_net.py setup()) ----------------
@@ -112,3 +125,48 @@ def _add_test_time_and_crowd_config(rcfg: CN) -> None:
 def _set_default(node: CN, key: str, value) -> None:
     if key not in node:
         node[key] = value
+
+
+# ---- Hostile files: configs are loaded without yaml.unsafe_load (issue 8) ----
+
+
+def load_config_file(cfg: CN, path: str) -> CN:
+    """Merge the YAML config ``path`` (and its ``_BASE_`` files) into ``cfg`` safely.
+
+    detectron2's ``CfgNode.merge_from_file`` falls back to ``yaml.unsafe_load`` when a file holds
+    a Python tag (``!!python/object/apply:os.system [...]`` runs a command while loading). Here
+    such a file is refused: configs hold only plain values.
+
+    Args:
+        cfg (CfgNode): the config to merge into, in place (and returned).
+        path (str): the YAML file.
+
+    Raises:
+        ValueError: naming the file when it holds a tag that builds Python objects.
+    """
+    try:
+        cfg.merge_from_file(path, allow_unsafe=False)
+    except yaml.constructor.ConstructorError as e:
+        raise ValueError(
+            f"Config file {path} (or one of its _BASE_ files) holds a YAML tag that builds Python "
+            f"objects, which could run code while loading; refused. Configs hold only plain "
+            f"values (numbers, strings, lists, mappings). YAML error: {e}"
+        ) from e
+    return cfg
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
+    """The config every entry point builds: detectron2's defaults, this plugin's keys, the YAML
+    file merged safely (:func:`load_config_file`), the KEY VALUE ``opts`` on top, and the paths
+    of ``DATASETS.COCO_INSTANCES`` resolved (see that key). Not frozen.
+    """
+    from detectron2.config import get_cfg
+
+    from .data.registration import resolve_dataset_paths
+
+    cfg = get_cfg()
+    add_retinanet_plugin_config(cfg)
+    load_config_file(cfg, config_file)  # refuses YAML tags that would run code
+    cfg.merge_from_list(list(opts))
+    resolve_dataset_paths(cfg, config_file, opts)
+    return cfg

@@ -10,6 +10,7 @@ from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
 from retinanet_plugin import FocalRetinaNet
+
 from small_config import small_retinanet_cfg
 
 # Candidates per image above the 0.05 threshold on the calibration image: enough to reach the

@@ -9,6 +9,7 @@ from detectron2.modeling import build_model
 
 import retinanet_plugin  # noqa: F401  (registers FocalRetinaNet, its head, losses, backbone)
 from retinanet_plugin import FocalRetinaNet, add_retinanet_plugin_config
+from retinanet_plugin.config import load_config_file
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
@@ -17,7 +18,7 @@ CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 def _load(path):
     cfg = get_cfg()
     add_retinanet_plugin_config(cfg)
-    cfg.merge_from_file(str(path))
+    load_config_file(cfg, str(path))  # the safe loader train_net.py uses
     # No downloads and no GPU in a unit test: random weights on CPU.
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.MOBILENET.PRETRAINED = False

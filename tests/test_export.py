@@ -20,6 +20,7 @@ from retinanet_plugin.export import (
     match_detections,
 )
 from retinanet_plugin.tools import export as export_tool
+
 from detector_fixture import save_detector, small_detector
 
 # Odd sizes on purpose (the graph pads them to the backbone's divisibility of 32 itself); the

@@ -559,10 +559,11 @@ def test_detector_losses_skip_the_concatenation_only_when_the_loss_can(monkeypat
     # values and head gradients of the concatenated call.
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
-    from small_config import small_retinanet_cfg
 
     import retinanet_plugin.meta_arch as meta_arch
     from retinanet_plugin.losses import SoftmaxFocalLoss
+
+    from small_config import small_retinanet_cfg
 
     cfg = small_retinanet_cfg(num_convs=1)
     cfg.MODEL.META_ARCHITECTURE = "FocalRetinaNet"

@@ -356,3 +356,21 @@ def test_checkpoint_num_classes_mismatch(tmp_path):
     same = build_model(_cfg(MODEL__RETINANET__NUM_CLASSES=3))
     RetinaNetCheckpointer(same).load(path)
     assert torch.equal(same.head.cls_score.weight, three_classes.head.cls_score.weight)
+
+
+def test_trainer_checkpointer_fine_tunes_but_checks_resumes(tmp_path):
+    """fine_tune=True (train_net.py's trainer): MODEL.WEIGHTS of another class count loads as in
+    detectron2 (classifier left at its initialisation); resuming from such a checkpoint raises."""
+    torch.manual_seed(0)
+    three_classes = build_model(_cfg(MODEL__RETINANET__NUM_CLASSES=3))
+    DetectionCheckpointer(three_classes, save_dir=str(tmp_path)).save("three_classes")
+    model = build_model(_cfg(MODEL__RETINANET__NUM_CLASSES=2))
+    before = model.head.cls_score.weight.clone()
+    checkpointer = RetinaNetCheckpointer(model, str(tmp_path), fine_tune=True)
+
+    checkpointer.resume_or_load(str(tmp_path / "three_classes.pth"), resume=False)
+    assert torch.equal(model.head.cls_score.weight, before)
+    assert torch.equal(model.head.bbox_pred.weight, three_classes.head.bbox_pred.weight)
+    # save() wrote last_checkpoint naming three_classes.pth: a resume must fit.
+    with pytest.raises(ValueError, match=re.escape("MODEL.RETINANET.NUM_CLASSES")):
+        checkpointer.resume_or_load("", resume=True)

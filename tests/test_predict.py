@@ -16,6 +16,7 @@ from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from retinanet_plugin.tools import predict as predict_tool
 from retinanet_plugin.tools.model_setup import load_cfg, to_model_input
 from retinanet_plugin.visualize import draw_detections
+
 from detector_fixture import save_detector, small_detector
 
 DATASET = "predict_test_images"

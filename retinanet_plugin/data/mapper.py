@@ -34,10 +34,9 @@ import torch
 from PIL import Image
 
 from detectron2.config import configurable
-from detectron2.data import DatasetFromList, DatasetMapper, build_detection_train_loader
+from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.data.build import _train_loader_from_config
 from detectron2.utils.file_io import PathManager
 
 __all__ = [
@@ -181,16 +180,12 @@ class RobustDatasetMapper(DatasetMapper):
 
 def build_robust_train_loader(cfg) -> Tuple[Any, RobustDatasetMapper]:
     """detectron2's training loader with :class:`RobustDatasetMapper`, whose replacements for
-    skipped images come from the training set itself.
+    skipped images come from the training set itself, and a sampler that can resume.
 
     Returns:
         (loader, mapper): the mapper for its :attr:`~RobustDatasetMapper.skipped` counter.
     """
+    from ..engine.resume import build_resumable_train_loader  # engine imports data
+
     mapper = RobustDatasetMapper(cfg, is_train=True)
-    kwargs = _train_loader_from_config(cfg, mapper=mapper)
-    # Serialised once (as detectron2 does) and shared with the forked workers.
-    dataset = DatasetFromList(kwargs["dataset"], copy=False)
-    kwargs["dataset"] = dataset
-    if mapper.skip_unreadable:
-        mapper.fallback_dataset = dataset
-    return build_detection_train_loader(**kwargs), mapper
+    return build_resumable_train_loader(cfg, mapper=mapper), mapper

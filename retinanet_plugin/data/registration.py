@@ -24,7 +24,12 @@ from detectron2.data.datasets import register_coco_instances
 
 from .coco_check import CHECK_MODES, check_coco_json
 
-__all__ = ["check_datasets", "register_datasets_from_cfg", "resolve_dataset_paths"]
+__all__ = [
+    "check_datasets",
+    "register_config_datasets",
+    "register_datasets_from_cfg",
+    "resolve_dataset_paths",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -201,3 +206,14 @@ def check_datasets(cfg: CfgNode, *, train: bool = True) -> None:
             num_classes_key=key or "num_classes",
             require_annotations=name in train_names,
         )
+
+
+def register_config_datasets(cfg: CfgNode) -> None:
+    """Registers what the config can name: every ``DATASETS.COCO_INSTANCES`` entry, and the
+    DeepForest demo sets when ``DATASETS.TRAIN`` / ``TEST`` name them. ``train_net.py`` and the
+    tools call this one function, so a dataset a training run can use, a tool can use too."""
+    from .deepforest import DATASET_NAMES, register_deepforest  # the demo's fetching code
+
+    register_datasets_from_cfg(cfg)
+    if set(DATASET_NAMES.values()) & set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST):
+        register_deepforest()

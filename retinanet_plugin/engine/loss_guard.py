@@ -33,6 +33,8 @@ class BatchRecorder:
         self.loader = loader
         self.image_ids: List[Any] = []
         self.skipped = skipped
+        # What continue_data_stream needs to skip ahead on resume.
+        self.resumable_sampler = getattr(loader, "resumable_sampler", None)
 
     def __iter__(self) -> Iterator[List[Mapping[str, Any]]]:
         for batch in self.loader:

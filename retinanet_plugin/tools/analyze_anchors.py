@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 import torch
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.transforms import ResizeShortestEdge
@@ -48,7 +48,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_anchor_generator, build_backbone
 from detectron2.structures import BoxMode
 
-from retinanet_plugin import add_retinanet_plugin_config
+from retinanet_plugin.config import load_config
+from retinanet_plugin.data.registration import register_config_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -904,10 +905,8 @@ def format_report(report: Dict[str, Any]) -> str:
 
 
 def setup_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
-    cfg = get_cfg()
-    add_retinanet_plugin_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(config_file, opts)
+    register_config_datasets(cfg)
     return cfg
 
 

@@ -38,7 +38,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
@@ -47,8 +46,9 @@ from detectron2.structures import Boxes
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import RetinaNetCheckpointer
-from ..config import add_retinanet_plugin_config
+from ..config import load_config
 from ..data.deepforest import DATASET_NAMES, register_deepforest
+from ..data.registration import register_config_datasets
 from ..losses import sigmoid_focal_loss_from_labels
 from ..meta_arch import FocalRetinaNet
 
@@ -274,11 +274,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     setup_logger()  # detectron2's own messages
     setup_logger(name="fvcore")  # checkpoint loading, missing or unexpected keys
     setup_logger(name="retinanet_plugin")
-    cfg = get_cfg()
-    add_retinanet_plugin_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
+    register_config_datasets(cfg)
     if cfg.MODEL.META_ARCHITECTURE != "FocalRetinaNet":
         raise ValueError(f"MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}; the loss "
                          "distribution needs FocalRetinaNet (its anchor labelling)")

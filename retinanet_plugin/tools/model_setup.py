@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import build_augmentation
@@ -15,8 +15,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import RetinaNetCheckpointer
-from ..config import add_retinanet_plugin_config
-from ..data.deepforest import DATASET_NAMES, register_deepforest
+from ..config import load_config
+from ..data.registration import register_config_datasets
 from ..meta_arch import FocalRetinaNet
 
 __all__ = ["dataset_categories", "load_cfg", "load_model", "setup_logging", "to_model_input"]
@@ -35,13 +35,10 @@ def load_cfg(
     """The frozen config of ``config_file`` with ``opts`` (KEY VALUE pairs) merged on top.
 
     ``weights``, ``device`` and ``score_thresh`` set ``MODEL.WEIGHTS``, ``MODEL.DEVICE`` and
-    ``MODEL.RETINANET.SCORE_THRESH_TEST`` when given. The DeepForest demo datasets are registered
-    when the config names them, as ``train_net.py`` does, so their class names are known.
+    ``MODEL.RETINANET.SCORE_THRESH_TEST`` when given. The datasets the config can name are
+    registered as ``train_net.py`` registers them, so their class names are known.
     """
-    cfg = get_cfg()
-    add_retinanet_plugin_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(config_file, opts)
     if weights is not None:
         cfg.MODEL.WEIGHTS = weights
     if device is not None:
@@ -53,8 +50,7 @@ def load_cfg(
             raise ValueError(f"score threshold must be in [0, 1), got {score_thresh}")
         cfg.MODEL.RETINANET.SCORE_THRESH_TEST = score_thresh
     cfg.freeze()
-    if set(DATASET_NAMES.values()) & set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST):
-        register_deepforest()
+    register_config_datasets(cfg)
     return cfg
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from detectron2.data.detection_utils import convert_PIL_to_numpy, convert_image_to_rgb, read_image
+from detectron2.data.detection_utils import convert_image_to_rgb, convert_PIL_to_numpy, read_image
 from detectron2.structures import BoxMode
 
 from ..visualize import draw_detections
