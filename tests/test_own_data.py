@@ -5,7 +5,6 @@ The data are small synthetic "shapes" COCO files written in ``tmp_path``; runs u
 ``train_net.py``'s own ``setup`` / ``main`` with the CPU demo model (random weights, 64 px).
 """
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train_net import _load_train_net
 
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -34,13 +34,6 @@ FAST_OPTS = [
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
     "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "SEED", "1",
 ]  # fmt: skip
-
-
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", REPO / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
