@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.transforms import ResizeTransform
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_anchor_generator, build_backbone
@@ -23,6 +24,17 @@ from retinanet_plugin.tools import analyze_anchors as aa
 CONFIGS = "configs"
 STRIDES = (8, 16, 32, 64, 128)
 SHAPES = {f"p{i + 3}": ShapeSpec(channels=8, stride=s) for i, s in enumerate(STRIDES)}
+
+
+@pytest.fixture(autouse=True)
+def _forget_registered_datasets():
+    # The tool registers the datasets its config names (the demo's, with the default root), as
+    # train_net.py does; other test modules register them with their own roots.
+    before = set(DatasetCatalog.list())
+    yield
+    for name in set(DatasetCatalog.list()) - before:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
 
 
 def _cfg(sizes=None, ratios=None, offset=0.0, min_size=(400,), max_size=1333, low_quality=True):

@@ -115,7 +115,17 @@ def _starts(out):
     return [int(n) for n in re.findall(r"Starting training from iteration (\d+)", log)]
 
 
-def test_killed_three_times_ends_as_uninterrupted(datasets_dir, tmp_path):
+@pytest.fixture
+def one_thread():
+    # The killed runs are subprocesses with OMP_NUM_THREADS=1; the in-process runs must sum in the
+    # same order to compare bit for bit (2 threads split the convolutions' reductions otherwise).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_killed_three_times_ends_as_uninterrupted(datasets_dir, tmp_path, one_thread):
     """One run killed mid-step, then (resumed) inside a checkpoint save, then (resumed) right
     after a checkpoint, then resumed to the end, against an uninterrupted run."""
     train_net = _load_train_net()
