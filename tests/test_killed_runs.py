@@ -119,6 +119,10 @@ def _starts(out):
 def one_thread():
     # The killed runs are subprocesses with OMP_NUM_THREADS=1; the in-process runs must sum in the
     # same order to compare bit for bit (2 threads split the convolutions' reductions otherwise).
+    # Earlier tests in this process compiled the fused kernels for many dtypes and alphas; past
+    # Dynamo's recompile limit a new variant runs eagerly, which rounds differently from the
+    # subprocesses' compiled kernels. A reset gives this process the subprocesses' fresh state.
+    torch._dynamo.reset()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
