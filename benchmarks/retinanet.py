@@ -4,7 +4,11 @@ For each image size, batch size and score regime it times
   * train: one training step (forward + backward, inside an EventStorage),
   * infer: whole inference (``model(inputs)`` under ``torch.no_grad``),
   * post:  post-processing alone (``forward_inference`` on precomputed head outputs),
+  * loss:  the training losses alone, from the head's outputs to their gradient
+    (``forward_training``: anchor matching, classification and box losses, and backward onto
+    the head's outputs),
 and prints the median times and the speedup (detectron2's time / ours; > 1 means ours is faster).
+With both "train" and "loss", it also prints the loss's share of each model's training step.
 
 Score regimes:
   * random: the head as initialised (prior bias, Sec. 3.3) on a randomly initialised backbone;
@@ -41,8 +45,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", nargs="+", default=["512x512", "800x1333"],
                         help="image sizes HxW")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--stages", nargs="+", default=["train", "infer", "post"],
-                        choices=["train", "infer", "post"])
+    parser.add_argument("--stages", nargs="+", default=["train", "loss", "infer", "post"],
+                        choices=["train", "loss", "infer", "post"])
     parser.add_argument("--scores", nargs="+", default=["random", "trained"],
                         choices=["random", "trained"])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
@@ -138,6 +142,16 @@ def train_step(model, inputs):
     return run
 
 
+def loss_path(model, images, features, predictions, gt_instances):
+    def run():
+        model.train()
+        leaves = [[x.detach().requires_grad_() for x in level] for level in predictions]
+        with EventStorage():
+            losses = model.forward_training(images, features, leaves, gt_instances)
+            sum(losses.values()).backward()
+    return run
+
+
 def inference(model, inputs):
     images = [{"image": x["image"]} for x in inputs]
 
@@ -182,6 +196,11 @@ def main() -> None:
                         fns = {"theirs": train_step(theirs, inputs),
                                "ours": train_step(ours, inputs)}
                         repeats = args.repeats
+                    elif stage == "loss":
+                        gt = [x["instances"].to(ours.device) for x in inputs]
+                        fns = {name: loss_path(m, images, features, predictions, gt)
+                               for name, m in (("theirs", theirs), ("ours", ours))}
+                        repeats = args.post_repeats
                     elif stage == "infer":
                         fns = {"theirs": inference(theirs, inputs), "ours": inference(ours, inputs)}
                         repeats = args.repeats
@@ -196,10 +215,24 @@ def main() -> None:
                         (size_str, batch, regime, stage, candidates, t["theirs"], t["ours"])
                     )
                     print_row(rows[-1], header=len(rows) == 1)
+    print_loss_shares(rows)
     print()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"R{args.depth}-FPN; median of {args.repeats} (post: {args.post_repeats}) runs after "
+          f"R{args.depth}-FPN; median of {args.repeats} (post, loss: {args.post_repeats}) runs after "
           f"{args.warmup} warm-up; speedup = detectron2 / ours")
+
+
+def print_loss_shares(rows) -> None:
+    """The loss stage's time as a share of the training step's, per model and measurement."""
+    steps = {row[:3]: row for row in rows if row[3] == "train"}
+    losses = [row for row in rows if row[3] == "loss" and row[:3] in steps]
+    if losses:
+        print("\nthe losses' share of a training step (loss stage / train stage):")
+    for row in losses:
+        step = steps[row[:3]]
+        print(f"{row[0]:>9} batch {row[1]} {row[2]:>8}: detectron2 {row[5] / step[5]:6.1%} "
+              f"({row[5] * 1e3:.0f} of {step[5] * 1e3:.0f} ms), ours {row[6] / step[6]:6.1%} "
+              f"({row[6] * 1e3:.0f} of {step[6] * 1e3:.0f} ms)")
 
 
 def print_row(row, header: bool) -> None:

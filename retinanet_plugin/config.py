@@ -6,7 +6,10 @@ names it. The keys below are new; each comment gives its meaning and, where the 
 symbol.
 """
 
-from typing import Sequence
+import ast
+import logging
+import os
+from typing import Sequence, Tuple
 
 import yaml
 
@@ -129,13 +132,84 @@ def _set_default(node: CN, key: str, value) -> None:
 
 # ---- Hostile files: configs are loaded without yaml.unsafe_load (issue 8) ----
 
+# The one Python tag detectron2's own model-zoo configs use: Base-RetinaNet.yaml writes its anchor
+# sizes as ``!!python/object/apply:eval ["[[x, x * 2**(1.0/3), x * 2**(2.0/3)] for x in
+# [32, 64, 128, 256, 512]]"]``. Such an expression is accepted when it is arithmetic on numbers
+# inside lists, tuples and list comprehensions, and nothing else (no calls, attributes,
+# subscripts or names other than the comprehensions' own variables).
+_EVAL_TAG = "tag:yaml.org,2002:python/object/apply:eval"
+_ARITHMETIC_NODES = (
+    ast.Expression, ast.List, ast.Tuple, ast.ListComp, ast.comprehension, ast.Constant,
+    ast.BinOp, ast.UnaryOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.USub, ast.UAdd,
+    ast.Name, ast.Load, ast.Store,
+)
+
+
+class _UnsafeTag(Exception):
+    """A YAML tag, or an eval expression, that is not plain data."""
+
+
+def _check_arithmetic(expression: str) -> None:
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as e:
+        raise _UnsafeTag(f"eval of {expression!r} does not parse: {e}") from e
+    loop_vars = {n.target.id for n in ast.walk(tree)
+                 if isinstance(n, ast.comprehension) and isinstance(n.target, ast.Name)}
+    for node in ast.walk(tree):
+        if not isinstance(node, _ARITHMETIC_NODES):
+            raise _UnsafeTag(f"eval of {expression!r} uses {type(node).__name__}, not only "
+                             "arithmetic on numbers in lists")
+        if isinstance(node, ast.Constant) and type(node.value) not in (int, float):
+            raise _UnsafeTag(f"eval of {expression!r} holds the constant {node.value!r}")
+        if isinstance(node, ast.Name) and node.id not in loop_vars:
+            raise _UnsafeTag(f"eval of {expression!r} names {node.id!r}")
+        if isinstance(node, ast.comprehension) and node.ifs:
+            raise _UnsafeTag(f"eval of {expression!r} filters its comprehension")
+
+
+class _ScanLoader(yaml.SafeLoader):
+    """Safe loading plus the arithmetic eval tag, checked (its value is not computed)."""
+
+
+def _construct_eval(loader: yaml.SafeLoader, node: yaml.Node):
+    args = loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else None
+    if not args or len(args) != 1 or not isinstance(args[0], str):
+        raise _UnsafeTag(f"{node.tag} with arguments other than one expression string")
+    _check_arithmetic(args[0])
+    return None
+
+
+_ScanLoader.add_constructor(_EVAL_TAG, _construct_eval)
+
+
+def _scan_config_file(path: str, seen: Tuple[str, ...] = ()) -> None:
+    """Raise _UnsafeTag (or yaml's ConstructorError) if ``path`` or any of its ``_BASE_`` files
+    holds a Python tag other than the arithmetic eval above. Bases resolve as fvcore's loader
+    resolves them: ``~`` expanded, relative paths against the including file's folder."""
+    if path in seen:
+        raise ValueError(f"Config file {path} includes itself through _BASE_")
+    with open(path) as f:
+        data = yaml.load(f, Loader=_ScanLoader)
+    base = data.get("_BASE_") if isinstance(data, dict) else None
+    if not isinstance(base, str):
+        return
+    base = os.path.expanduser(base)
+    if not base.startswith(("http://", "https://", "s3://")) and not os.path.isabs(base):
+        base = os.path.join(os.path.dirname(path), base)
+    if os.path.isfile(base):  # anything else is detectron2's to report
+        _scan_config_file(base, seen + (path,))
+
 
 def load_config_file(cfg: CN, path: str) -> CN:
     """Merge the YAML config ``path`` (and its ``_BASE_`` files) into ``cfg`` safely.
 
     detectron2's ``CfgNode.merge_from_file`` falls back to ``yaml.unsafe_load`` when a file holds
     a Python tag (``!!python/object/apply:os.system [...]`` runs a command while loading). Here
-    such a file is refused: configs hold only plain values.
+    every file of the ``_BASE_`` chain is scanned first with a safe loader, and any Python tag
+    refuses the file, except ``!!python/object/apply:eval`` of an arithmetic expression on numbers
+    in lists (detectron2's model-zoo ``Base-RetinaNet.yaml`` writes its anchor sizes so); only
+    then does detectron2 load it.
 
     Args:
         cfg (CfgNode): the config to merge into, in place (and returned).
@@ -145,14 +219,30 @@ def load_config_file(cfg: CN, path: str) -> CN:
         ValueError: naming the file when it holds a tag that builds Python objects.
     """
     try:
-        cfg.merge_from_file(path, allow_unsafe=False)
-    except yaml.constructor.ConstructorError as e:
+        _scan_config_file(path)
+    except (yaml.constructor.ConstructorError, _UnsafeTag) as e:
         raise ValueError(
             f"Config file {path} (or one of its _BASE_ files) holds a YAML tag that builds Python "
             f"objects, which could run code while loading; refused. Configs hold only plain "
-            f"values (numbers, strings, lists, mappings). YAML error: {e}"
+            f"values (numbers, strings, lists, mappings), or arithmetic on numbers through "
+            f"!!python/object/apply:eval as detectron2's model zoo writes anchor sizes. "
+            f"YAML error: {e}"
         ) from e
+    except FileNotFoundError:
+        pass  # detectron2's merge_from_file reports a missing file its own way
+    # Scanned: no tag but the arithmetic eval. fvcore's warning that it loads the file with
+    # yaml.unsafe_load would only alarm here, so it is filtered out for this call.
+    fvcore_logger = logging.getLogger("fvcore.common.config")
+    fvcore_logger.addFilter(_drop_unsafe_load_warning)
+    try:
+        cfg.merge_from_file(path, allow_unsafe=True)
+    finally:
+        fvcore_logger.removeFilter(_drop_unsafe_load_warning)
     return cfg
+
+
+def _drop_unsafe_load_warning(record: logging.LogRecord) -> bool:
+    return "yaml.unsafe_load" not in record.getMessage()
 
 
 def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:

@@ -1,5 +1,6 @@
 """The focal-loss family: exactness against Eq. 5 / Appendix A / B, fvcore and torchvision."""
 
+import functools
 import itertools
 import math
 
@@ -266,6 +267,37 @@ def test_fused_kernels_are_compiled_here():
     assert fused.dense_focal.backend == ("inductor" if fused._compile_enabled() else "eager")
 
 
+def test_kernel_variants_do_not_share_dynamos_recompile_limit(monkeypatch):
+    # One code object for every variant (alpha or not, each gamma mode, sum or not) used to hit
+    # Dynamo's recompile limit in a long process, after which new variants ran eagerly without
+    # a word. With the limit at 1, three variants must still give three compiled graphs.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") \
+        else "cache_size_limit"
+    # Dynamo's tracing and guards without Inductor's code generation (seconds per variant).
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(fused, "_compile_enabled", lambda: True)
+    kernel = fused._Kernel(fused._label_focal)
+    x = torch.randn(6, 3)
+    labels = torch.tensor([0, 1, 2, 3, -1, 1]).unsqueeze(-1)
+    variants = [(True, 2), (False, 2), (True, 0)]
+    target = F.one_hot(labels[:, 0].clamp(min=0), 4)[:, :3].double()
+    valid = labels[:, 0] >= 0
+    expected = [sigmoid_focal_loss_reference(x.double()[valid], target[valid],
+                                             0.25 if use_alpha else -1.0, float(mode), "sum")
+                for use_alpha, mode in variants]
+    before = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch({limit_name: 1}):
+        for (use_alpha, mode), want in zip(variants, expected):
+            alpha, gamma = torch.tensor(0.25), torch.tensor(float(mode))
+            loss, _ = kernel(x, labels, alpha, gamma, use_alpha, mode, None, -1, True)
+            torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] - before == 3
+    assert len(kernel._variants) == 3
+
+
 def test_repeated_backward_with_retain_graph_gives_the_same_gradient():
     # The first backward rescales the kept gradient in place; later ones must still be right.
     x, t = _data((5, 3), torch.float32)
@@ -354,23 +386,22 @@ def compiled_kernel():
     x, t = _data((8, 3), torch.float32)
     sigmoid_focal_loss(x, t)
     assert kernel.backend == "inductor" and not kernel._failed
-    compiled = kernel._compiled
     yield kernel, x, t
-    kernel._compiled, kernel._failed = compiled, False
+    kernel._failed = False
 
 
-def test_error_inside_a_compiled_call_is_raised_and_not_sticky(compiled_kernel):
+def test_error_inside_a_compiled_call_is_raised_and_not_sticky(compiled_kernel, monkeypatch):
     # Issue 11.5: any exception (an OOM, a wrong device) used to switch the kernel to eager for
     # the rest of the process.
     kernel, x, t = compiled_kernel
-    compiled = kernel._compiled
+    compiled = kernel.compiled(fused._kernel_args(x, [x, t, 0.25, 2.0, True, 2, False]))
     calls = []
 
     def failing(*args):
         calls.append(1)
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    kernel._compiled = failing
+    monkeypatch.setattr(kernel, "compiled", lambda args: failing)
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
         sigmoid_focal_loss(x, t)
     assert not kernel._failed and calls == [1]
@@ -379,20 +410,21 @@ def test_error_inside_a_compiled_call_is_raised_and_not_sticky(compiled_kernel):
         calls.append(2)
         return compiled(*args)
 
-    kernel._compiled = counting
+    monkeypatch.setattr(kernel, "compiled", lambda args: counting)
     expected = sigmoid_focal_loss_reference(x, t)
     torch.testing.assert_close(sigmoid_focal_loss(x, t), expected)
     assert calls == [1, 2]  # the next call ran compiled again
 
 
-def test_compilation_failure_falls_back_to_eager_with_a_log_line(compiled_kernel, caplog):
+def test_compilation_failure_falls_back_to_eager_with_a_log_line(compiled_kernel, caplog,
+                                                                monkeypatch):
     kernel, x, t = compiled_kernel
     import torch._inductor.exc as inductor_exc
 
     def failing(*args):
         raise inductor_exc.InvalidCxxCompiler()
 
-    kernel._compiled = failing
+    monkeypatch.setattr(kernel, "compiled", lambda args: failing)
     with caplog.at_level("WARNING", logger=fused.__name__):
         loss = sigmoid_focal_loss(x, t)
     torch.testing.assert_close(loss, sigmoid_focal_loss_reference(x, t))

@@ -194,6 +194,38 @@ def test_crafted_config_is_refused(tmp_path, canary):
     assert not canary.exists()
 
 
+def test_model_zoo_config_with_arithmetic_eval_loads_as_detectron2_loads_it():
+    # detectron2's Base-RetinaNet.yaml writes its anchor sizes with !!python/object/apply:eval;
+    # refusing every tag refused detectron2's own RetinaNet configs.
+    from detectron2 import model_zoo
+
+    path = model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
+    ours = load_config_file(_cfg(), path)
+    theirs = _cfg()
+    theirs.merge_from_file(path)
+    assert ours.dump() == theirs.dump()
+    assert ours.MODEL.ANCHOR_GENERATOR.SIZES[0][1] == pytest.approx(32 * 2 ** (1 / 3))
+
+
+@pytest.mark.parametrize("expression", [
+    "__import__('os').system('touch {canary}')",
+    "[x for x in open('{canary}', 'w')]",
+    "[(lambda: 1)()]",
+    "[[x] for x in [1, 2] if print('{canary}')]",
+    "'touch {canary}'",
+])
+def test_eval_tag_other_than_arithmetic_is_refused(tmp_path, canary, expression):
+    crafted = tmp_path / "base.yaml"
+    crafted.write_text('MODEL:\n  ANCHOR_GENERATOR:\n    SIZES: !!python/object/apply:eval '
+                       f'["{expression.format(canary=canary)}"]\n')
+    child = tmp_path / "child.yaml"
+    child.write_text("_BASE_: base.yaml\n")
+    for path in (crafted, child):
+        with pytest.raises(ValueError, match=r"base\.yaml|child\.yaml"):
+            load_config_file(_cfg(), str(path))
+    assert not canary.exists()
+
+
 def test_tools_load_configs_safely(tmp_path, canary):
     """predict / export (model_setup.load_cfg), analyze_anchors and loss_cdf share
     ``retinanet_plugin.config.load_config``: a crafted config is refused by each."""

@@ -21,7 +21,8 @@ float32 optimiser step can use.
 import functools
 import logging
 import os
-from typing import Callable, Optional, Tuple
+import types
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -198,8 +199,31 @@ def _compile_errors() -> Tuple[type, ...]:
     return tuple(getattr(m, n) for m, n in names if isinstance(getattr(m, n, None), type))
 
 
+def _variant_key(args) -> tuple:
+    """What makes a kernel call a different compiled variant: its non-tensor arguments (flags,
+    the gamma mode, the class dimension, reduce), whether each optional tensor is given, and the
+    dtypes and device type of the tensors."""
+    return tuple((a.dtype, a.device.type) if isinstance(a, Tensor) else a for a in args)
+
+
+def _fresh_function(fn: Callable, tag: int) -> Callable:
+    """A copy of ``fn`` with a code object of its own. Dynamo keeps its compiled graphs, and
+    counts recompilations against ``torch._dynamo.config.recompile_limit`` (8), per code object:
+    the variants of one kernel (alpha or not, gamma 0/1/2/other, flat or per-level layout, sum or
+    not, float32 or float64) sharing one code object would exceed it in a long process, and from
+    then on Dynamo runs every new variant eagerly, silently and several times slower."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_v{tag}")
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                              fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
 class _Kernel:
     """A kernel run through ``torch.compile``, falling back to eager if compilation fails.
+
+    Each variant (see :func:`_variant_key`) is compiled from its own copy of the kernel's code,
+    so that no number of variants in one process reaches Dynamo's recompilation limit.
 
     Only a compilation failure switches this kernel to eager (once, with a warning); any other
     exception of a compiled call is the caller's error and is raised unchanged, so that a
@@ -209,20 +233,28 @@ class _Kernel:
 
     def __init__(self, fn: Callable):
         self.fn = fn
-        self._compiled = None
+        self._variants: Dict[tuple, Callable] = {}
         self.backend = "eager"
         self._failed = False
         functools.update_wrapper(self, fn)
+
+    def compiled(self, args: tuple) -> Callable:
+        """The compiled variant for these arguments (compiled on its first call)."""
+        key = _variant_key(args)
+        variant = self._variants.get(key)
+        if variant is None:
+            variant = torch.compile(_fresh_function(self.fn, len(self._variants)), dynamic=True)
+            self._variants[key] = variant
+        return variant
 
     def __call__(self, *args):
         x = args[0]
         # Empty inputs would only cost a recompilation (size 0 is specialised).
         if self._failed or not _compile_enabled() or x.numel() == 0:
             return self.fn(*args)
-        if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=True)
+        compiled = self.compiled(args)
         try:
-            out = self._compiled(*args)
+            out = compiled(*args)
         except _compile_errors() as exc:  # results are the same eagerly, only slower
             logger.warning("torch.compile of %s failed (%s: %s); using eager kernels.",
                            self.fn.__name__, type(exc).__name__, exc)
@@ -258,6 +290,12 @@ def _kernel_args(x: Tensor, args) -> list:
 def _run_kernel(kernel: _Kernel, x: Tensor, args, reduce: bool) -> Tuple[Tensor, Tensor]:
     with torch.autocast(device_type=x.device.type, enabled=False):
         return kernel(x.detach().to(compute_dtype(x.dtype)), *_kernel_args(x, args), reduce)
+
+
+def _is_one(grad_out: Tensor) -> bool:
+    """Whether an upstream gradient is the scalar 1, read only where that costs no device sync
+    (a CPU tensor); on an accelerator the gradient is always rescaled."""
+    return grad_out.device.type == "cpu" and grad_out.numel() == 1 and grad_out.item() == 1.0
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -298,10 +336,15 @@ class _FusedLoss(torch.autograd.Function):
             for i, t in zip(ctx.tensor_at, tensors):
                 args[i] = t
             _, grad = _run_kernel(ctx.kernel, x, args, ctx.reduce)
-        scale = grad_out.to(grad.dtype)
-        if ctx.mean_over not in (0, 1):
-            scale = scale / ctx.mean_over
-        grad_x = scale_grad_(grad, scale)
+        if _is_one(grad_out) and ctx.mean_over in (0, 1):
+            # loss.backward() on a summed loss: the kept gradient is the answer (already
+            # flushed); rescaling would be one more full pass over it.
+            grad_x = grad
+        else:
+            scale = grad_out.to(grad.dtype)
+            if ctx.mean_over not in (0, 1):
+                scale = scale / ctx.mean_over
+            grad_x = scale_grad_(grad, scale)
         return (None, None, grad_x.to(ctx.in_dtype)) + (None,) * ctx.num_args
 
 
