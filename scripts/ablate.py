@@ -26,7 +26,7 @@ resumes where it stopped. Settings (the paper's pairs of Tables 1a, 1b, 1d and A
 Usage::
 
     python scripts/ablate.py [--settings CE FL-g2 ...] [--seeds 0 1 2] [--steps 200]
-        [--output output/ablation] [--threads 1] [--table-only] [-- KEY VALUE ...]
+        [--output output/ablation] [--threads 1] [--jobs 1] [--table-only] [-- KEY VALUE ...]
 
 Anything after ``--`` is passed to every run as config overrides.
 """
@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -241,6 +242,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="training steps per run (--table-only reads them from the runs)")
     parser.add_argument("--output", type=Path, default=REPO / "output" / "ablation")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once (each with --threads threads); 2 jobs of 1 "
+                             "thread use a 2-core machine fully")
     parser.add_argument("--table-only", action="store_true",
                         help="train nothing; tabulate the finished runs found under --output")
     args = parser.parse_args(argv)
@@ -249,6 +253,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"unknown --settings {unknown}; choose from {list(SETTINGS)}")
     if args.steps <= 0:
         parser.error(f"--steps must be > 0, got {args.steps}")
+    if args.jobs <= 0:
+        parser.error(f"--jobs must be > 0, got {args.jobs}")
     if len(extra) % 2:
         parser.error(f"config overrides after -- must be KEY VALUE pairs, got {extra}")
     args.opts = extra
@@ -261,22 +267,32 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, Dict[str, 
     results: Dict[str, Dict[int, Dict[str, float]]] = {}
     steps_found = set()
     failures: List[str] = []
-    for setting in args.settings:
-        for seed in args.seeds:
-            if args.table_only:
-                run = run_dir(args.output, setting, seed)
-                found = read_final_metrics(run / "metrics.json")
-                if found is not None:
-                    results.setdefault(setting, {})[seed] = found
-                    steps_found.add(read_steps(run))
-                continue
+    # Seed-major: a grid stopped part-way has every setting at the same number of seeds.
+    grid = [(setting, seed) for seed in args.seeds for setting in args.settings]
+    if args.table_only:
+        for setting, seed in grid:
+            run = run_dir(args.output, setting, seed)
+            found = read_final_metrics(run / "metrics.json")
+            if found is not None:
+                results.setdefault(setting, {})[seed] = found
+                steps_found.add(read_steps(run))
+    else:
+        def train(cell):
+            return run_one(cell[0], cell[1], args.steps, args.output, args.threads, args.opts)
+
+        # Each run is a process of its own; the threads here only wait for them.
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(train, cell) for cell in grid]
+        for (setting, seed), future in zip(grid, futures):
             try:
-                metrics = run_one(setting, seed, args.steps, args.output, args.threads, args.opts)
+                metrics = future.result()
             except RuntimeError as exc:  # one broken run should not cost the rest of the grid
                 logger.error("%s", exc)
                 failures.append(str(exc))
                 continue
             results.setdefault(setting, {})[seed] = metrics
+    results = {setting: dict(sorted(results[setting].items()))
+               for setting in args.settings if setting in results}
     if not results:
         raise SystemExit("; ".join(failures) or f"no finished runs under {args.output}")
     steps = args.steps
