@@ -90,6 +90,15 @@ def add_retinanet_plugin_config(cfg: CN) -> CN:
     # metrics (data/skipped_images) and replaced by another; False (detectron2's behaviour):
     # the run stops with the file name.
     _set_default(cfg.DATALOADER, "SKIP_UNREADABLE_IMAGES", False)
+
+    # ---- Augmentations for orientation-free imagery (retinanet_plugin.data.augmentations) ----
+    # Applied in training after detectron2's resize and RANDOM_FLIP, by the plugin's mappers.
+    # A top-bottom flip with probability 0.5, on top of RANDOM_FLIP's.
+    _set_default(cfg.INPUT, "VERTICAL_FLIP", False)
+    # A rotation by 0 / 90 / 180 / 270 degrees (exact: pixels moved, boxes unchanged in shape).
+    _set_default(cfg.INPUT, "ROTATE_90", False)
+    # Brightness, contrast and saturation each scaled by a factor in [1 - s, 1 + s]; 0 = off.
+    _set_default(cfg.INPUT, "COLOR_JITTER", 0.0)
     return cfg
 
 

@@ -3,38 +3,63 @@
 import json
 import os
 from collections import defaultdict
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
 
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 __all__ = ["draw_detections", "draw_prediction_grid", "save_prediction_grid"]
 
 # BGR, as cv2 writes them.
 GROUND_TRUTH_COLOR = (0, 255, 0)
-PREDICTION_COLOR = (0, 0, 255)
 
 
 def _draw_tile(
-    record: Dict[str, Any], predictions: Sequence[Dict[str, Any]], score_thresh: float
+    record: Dict[str, Any],
+    predictions: Sequence[Dict[str, Any]],
+    score_thresh: float,
+    class_names: Sequence[str],
+    id_to_index: Dict[int, int],
+    min_side: int,
 ) -> np.ndarray:
     image = cv2.imread(record["file_name"], cv2.IMREAD_COLOR)
     if image is None:
         raise FileNotFoundError(f"cannot read image {record['file_name']}")
+    # Small tiles are enlarged (whole factors) so that labels on dense boxes stay legible.
+    scale = max(1, int(np.ceil(min_side / max(1, min(image.shape[:2])))))
+    if scale > 1:
+        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
     for ann in record.get("annotations", []):
-        x0, y0, x1, y1 = BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS)
+        x0, y0, x1, y1 = (v * scale for v in
+                          BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS))
         cv2.rectangle(image, (int(x0), int(y0)), (int(x1), int(y1)), GROUND_TRUTH_COLOR, 1)
     kept = [p for p in predictions if p["score"] >= score_thresh]
-    for pred in kept:
-        x, y, w, h = pred["bbox"]  # COCO results are XYWH
-        cv2.rectangle(image, (int(x), int(y)), (int(x + w), int(y + h)), PREDICTION_COLOR, 2)
-    caption = f"{os.path.basename(record['file_name'])}: {len(record.get('annotations', []))} gt"
-    caption += f", {len(kept)} det"
-    cv2.putText(image, caption, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
+    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (p["bbox"] for p in kept)],
+                     dtype=np.float64).reshape(-1, 4) * scale  # COCO results are XYWH
+    classes = np.array([id_to_index.get(p.get("category_id", 0), p.get("category_id", 0))
+                        for p in kept], dtype=np.int64)
+    names = [str(n) for n in class_names] or []
+    if len(kept) and (not names or classes.max() >= len(names)):
+        names = names + [f"class {i}" for i in range(len(names), int(classes.max()) + 1)]
+    image = draw_detections(image, boxes, np.array([p["score"] for p in kept]), classes, names)
+    name = os.path.basename(record["file_name"])
+    name = name if len(name) <= 28 else "..." + name[-25:]
+    caption = (f"{name}: {len(record.get('annotations', []))} gt (green), {len(kept)} det "
+               f">= {score_thresh:.2f}")
+    _caption(image, caption)
     return image
+
+
+def _caption(image: np.ndarray, text: str) -> None:
+    """White text on a black band along the top edge, in place."""
+    (tw, th), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
+    cv2.rectangle(image, (0, 0), (min(image.shape[1], tw + 8), th + baseline + 6), (0, 0, 0),
+                  cv2.FILLED)
+    cv2.putText(image, text, (4, th + 3), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1,
+                cv2.LINE_AA)
 
 
 def draw_prediction_grid(
@@ -44,8 +69,12 @@ def draw_prediction_grid(
     score_thresh: float = 0.3,
     max_images: int = 8,
     columns: int = 4,
+    class_names: Sequence[str] = (),
+    dataset_id_to_contiguous_id: Optional[Dict[int, int]] = None,
+    min_side: int = 700,
 ) -> np.ndarray:
-    """Tiles of a dataset with ground truth (green, thin) and detections (red, thick).
+    """Tiles of a dataset with ground truth (green, thin) and detections labelled with their
+    class name and score (one colour per class, see :func:`draw_detections`).
 
     Args:
         dataset_dicts: detectron2 dataset records (``file_name``, ``image_id``, ``annotations``).
@@ -54,6 +83,12 @@ def draw_prediction_grid(
         score_thresh: detections below this score are not drawn.
         max_images: the first ``max_images`` records are drawn.
         columns: tiles per row.
+        class_names: the dataset's ``thing_classes`` (detections of a class without a name are
+            labelled "class i").
+        dataset_id_to_contiguous_id: the dataset's ``thing_dataset_id_to_contiguous_id``: the
+            results' ``category_id`` are dataset ids, mapped back to class indices with it.
+        min_side: tiles whose shorter side is smaller are enlarged by a whole factor to reach
+            it, so that the labels of dense small boxes stay legible.
 
     Returns:
         ndarray: (H, W, 3) uint8 BGR image; tiles of different sizes are padded with black.
@@ -64,7 +99,8 @@ def draw_prediction_grid(
     for pred in coco_results:
         by_image[pred["image_id"]].append(pred)
     tiles = [
-        _draw_tile(record, by_image[record["image_id"]], score_thresh)
+        _draw_tile(record, by_image[record["image_id"]], score_thresh, class_names,
+                   dataset_id_to_contiguous_id or {}, min_side)
         for record in dataset_dicts[:max_images]
     ]
     cell_h = max(t.shape[0] for t in tiles)
@@ -94,7 +130,12 @@ def save_prediction_grid(
     """
     with open(results_json) as f:
         coco_results = json.load(f)
-    grid = draw_prediction_grid(DatasetCatalog.get(dataset_name), coco_results, **kwargs)
+    records = DatasetCatalog.get(dataset_name)  # loading a COCO json fills the id mapping
+    metadata = MetadataCatalog.get(dataset_name)
+    kwargs.setdefault("class_names", metadata.get("thing_classes", []))
+    kwargs.setdefault("dataset_id_to_contiguous_id",
+                      metadata.get("thing_dataset_id_to_contiguous_id", {}))
+    grid = draw_prediction_grid(records, coco_results, **kwargs)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     if not cv2.imwrite(out_path, grid):
         raise OSError(f"cannot write {out_path}")

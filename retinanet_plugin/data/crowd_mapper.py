@@ -14,6 +14,8 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.structures import Boxes, Instances
 
+from .augmentations import extra_train_augmentations
+
 __all__ = ["CrowdDatasetMapper"]
 
 
@@ -32,6 +34,13 @@ class CrowdDatasetMapper(DatasetMapper):
                 "CrowdDatasetMapper keeps crowd regions as boxes only: it needs "
                 "MODEL.MASK_ON and MODEL.KEYPOINT_ON off"
             )
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True) -> Dict:
+        ret = super().from_config(cfg, is_train)
+        if is_train:
+            ret["augmentations"] = ret["augmentations"] + extra_train_augmentations(cfg)
+        return ret
 
     def _transform_annotations(self, dataset_dict: Dict, transforms, image_shape) -> None:
         crowd = [a for a in dataset_dict["annotations"] if a.get("iscrowd", 0) == 1]

@@ -39,6 +39,8 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
 
+from .augmentations import extra_train_augmentations
+
 __all__ = [
     "UNREADABLE_IMAGE_ERRORS",
     "RobustDatasetMapper",
@@ -108,6 +110,8 @@ class RobustDatasetMapper(DatasetMapper):
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> Dict[str, Any]:
         ret = super().from_config(cfg, is_train)
+        if is_train:
+            ret["augmentations"] = ret["augmentations"] + extra_train_augmentations(cfg)
         # Skipping only in training: an evaluation that drops images would report a wrong AP.
         ret["skip_unreadable"] = is_train and cfg.DATALOADER.SKIP_UNREADABLE_IMAGES
         return ret
