@@ -34,6 +34,12 @@ CASES = {
         _rpn_cfg, ["MODEL.RETINANET.FOCAL_LOSS_ALPHA_PER_CLASS", [0.25] * 80],
         "MODEL.RETINANET.FOCAL_LOSS_ALPHA_PER_CLASS",
     ),
+    "ohem_positive_fraction": (
+        _retinanet_cfg, ["MODEL.RETINANET.CLS_LOSS", "OHEMLoss",
+                         "MODEL.RETINANET.FOCAL_LOSS_ALPHA", -1.0,
+                         "MODEL.RETINANET.OHEM.POSITIVE_FRACTION", 1.5],
+        "MODEL.RETINANET.OHEM.POSITIVE_FRACTION",
+    ),
     "rpn_momentum": (
         _rpn_cfg, ["MODEL.RETINANET.LOSS_NORMALIZER_MOMENTUM", 1.0],
         "MODEL.RETINANET.LOSS_NORMALIZER_MOMENTUM",

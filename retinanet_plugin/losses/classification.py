@@ -301,6 +301,10 @@ class OHEMLoss(nn.Module):
                 f"MODEL.RETINANET.OHEM.BATCH_SIZE_PER_IMAGE must be > 0, got "
                 f"{ohem.BATCH_SIZE_PER_IMAGE}"
             )
+        fraction = ohem.POSITIVE_FRACTION
+        if not fraction < 0 and not 0 <= fraction <= 1:
+            raise ValueError(f"MODEL.RETINANET.OHEM.POSITIVE_FRACTION must be in [0, 1] (or < 0 "
+                             f"for no quota), got {fraction}")
         alpha = cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA
         check_focal_params(alpha, 0.0, alpha_name="MODEL.RETINANET.FOCAL_LOSS_ALPHA")
         return {
