@@ -96,7 +96,7 @@ def test_train_evaluate_resume(datasets_dir, tmp_path):
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
     assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
     picture = cv2.imread(str(out / "val_predictions.png"))
-    assert picture.shape == (400, 4 * 400, 3)  # 4 tiles of 400x400 in one row
+    assert picture.shape == (800, 4 * 800, 3)  # 4 tiles of 400x400, enlarged 2x, in one row
     first = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
     assert first["iteration"] == 2
 
@@ -167,7 +167,7 @@ def test_picture_only_from_results_written_by_this_run(datasets_dir, tmp_path):
     assert not (out / train_net.PREDICTIONS_PICTURE).exists()
     trainer.iter = 3
     hook.after_train()
-    assert cv2.imread(str(out / train_net.PREDICTIONS_PICTURE)).shape == (400, 4 * 400, 3)
+    assert cv2.imread(str(out / train_net.PREDICTIONS_PICTURE)).shape == (800, 4 * 800, 3)
 
 
 def _train_and_dump(output_dir, dump_dir):
