@@ -43,14 +43,23 @@ demo: $(STAMP)
 		--config-file configs/demo_deepforest_mobilenet_v2_fpn_long.yaml
 
 # Table 1 on the CPU demo (scripts/ablate.py): the classification loss (CE, alpha-balanced CE, FL
-# gamma 0.5 / 1 / 2 / 5, FL*, OHEM) over seeds; writes output/ablation/table.md and ablation.png.
-# The full grid is 8 settings x 3 seeds x ~8 min on 2 quiet cores (over 3 hours); a short run:
+# gamma 0.5 / 1 / 2 / 5, FL*, OHEM) over seeds on the 200-step demo recipe
+# (configs/demo_deepforest_mobilenet_v2_fpn.yaml); writes output/ablation/table.md and
+# ablation.png. The full grid is 8 settings x 3 seeds x ~4.5 min of one core: about an hour with
+# two runs at a time on 2 cores. A short run:
 #   make ablation ABLATION_SETTINGS="CE FL-g2" ABLATION_SEEDS=0 ABLATION_STEPS=50
 ABLATION_SETTINGS ?= CE alpha-CE FL-g0.5 FL-g1 FL-g2 FL-g5 FLstar OHEM
 ABLATION_SEEDS ?= 0 1 2
 ABLATION_STEPS ?= 200
+ABLATION_JOBS ?= 2
 .PHONY: ablation
 ablation: $(STAMP)
-	$(PY) -m retinanet_plugin.data.deepforest --out datasets/deepforest
+	$(PY) -m retinanet_plugin.data.deepforest --out "$${DETECTRON2_DATASETS:-datasets}/deepforest"
 	$(PY) scripts/ablate.py --settings $(ABLATION_SETTINGS) --seeds $(ABLATION_SEEDS) \
-		--steps $(ABLATION_STEPS) --threads $(DEMO_THREADS)
+		--steps $(ABLATION_STEPS) --threads $(DEMO_THREADS) --jobs $(ABLATION_JOBS)
+
+# On a machine with an NVIDIA GPU: the CUDA tests, both benchmarks on CUDA and a 100-iteration AMP
+# training of the demo, with one summary (scripts/gpu_check.sh; exits 2 without a GPU).
+.PHONY: gpu-check
+gpu-check:
+	bash scripts/gpu_check.sh
