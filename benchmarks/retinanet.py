@@ -218,8 +218,8 @@ def main() -> None:
     print_loss_shares(rows)
     print()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"R{args.depth}-FPN; median of {args.repeats} (post, loss: {args.post_repeats}) runs after "
-          f"{args.warmup} warm-up; speedup = detectron2 / ours")
+          f"R{args.depth}-FPN; median of {args.repeats} (post, loss: {args.post_repeats}) runs "
+          f"after {args.warmup} warm-up; speedup = detectron2 / ours")
 
 
 def print_loss_shares(rows) -> None:

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Table 1 of the paper on the CPU demo: the classification loss ablated over seeds.
 
-Trains the demo recipe (``configs/demo_deepforest_mobilenet_v2_fpn.yaml``: DeepForest tree crowns,
-MobileNetV2-FPN) once per (setting, seed), each run a ``train_net.py`` process of its own with
-``SEED`` and the setting's config keys, reads the final COCO box AP / AP50 / AP75 from the run's
-``metrics.json``, and writes
+Trains the 200-step demo recipe (``configs/demo_deepforest_mobilenet_v2_fpn.yaml``: DeepForest
+tree crowns, MobileNetV2-FPN) once per (setting, seed), each run a ``train_net.py`` process of its
+own with ``SEED`` and the setting's config keys, reads the final COCO box AP / AP50 / AP75 from the
+run's ``metrics.json``, and writes
 
 * ``table.md``: a Table 1-style markdown table, mean and sample standard deviation over seeds
   (with min-max), one row per setting;

@@ -5,7 +5,7 @@ import numpy as np
 
 from detectron2.structures import BoxMode
 
-from retinanet_plugin.visualize import GROUND_TRUTH_COLOR, _CLASS_COLORS, draw_prediction_grid
+from retinanet_plugin.visualize import _CLASS_COLORS, GROUND_TRUTH_COLOR, draw_prediction_grid
 
 FIRST_CLASS_COLOR = _CLASS_COLORS[0]
 
