@@ -175,6 +175,28 @@ def _check_arithmetic(expression: str) -> None:
             raise _UnsafeTag(f"eval of {expression!r} names {node.id!r}")
         if isinstance(node, ast.comprehension) and node.ifs:
             raise _UnsafeTag(f"eval of {expression!r} filters its comprehension")
+        if isinstance(node, ast.BinOp):
+            _check_operands(expression, node)
+
+
+# Largest integer exponent accepted: 10 ** 64 is already far beyond any config value, while
+# 9 ** 9 ** 9 would keep the loader busy for hours.
+_MAX_EXPONENT = 64
+
+
+def _check_operands(expression: str, node: ast.BinOp) -> None:
+    """Arithmetic on numbers only: no list repeated (``[0] * 10 ** 12`` would exhaust memory),
+    no exponent that is itself a power or a large integer."""
+    for side in (node.left, node.right):
+        if isinstance(side, (ast.List, ast.Tuple, ast.ListComp)):
+            raise _UnsafeTag(f"eval of {expression!r} applies arithmetic to a list")
+    if isinstance(node.op, ast.Pow):
+        exponent = node.right
+        if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) for n in ast.walk(exponent)):
+            raise _UnsafeTag(f"eval of {expression!r} raises to a power of a power")
+        if (isinstance(exponent, ast.Constant) and isinstance(exponent.value, int)
+                and abs(exponent.value) > _MAX_EXPONENT):
+            raise _UnsafeTag(f"eval of {expression!r} has an exponent above {_MAX_EXPONENT}")
 
 
 class _ScanLoader(yaml.SafeLoader):
@@ -192,22 +214,28 @@ def _construct_eval(loader: yaml.SafeLoader, node: yaml.Node):
 _ScanLoader.add_constructor(_EVAL_TAG, _construct_eval)
 
 
-def _scan_config_file(path: str, seen: Tuple[str, ...] = ()) -> None:
+def _scan_config_file(path: str, seen: Tuple[str, ...] = ()) -> bool:
     """Raise _UnsafeTag (or yaml's ConstructorError) if ``path`` or any of its ``_BASE_`` files
     holds a Python tag other than the arithmetic eval above. Bases resolve as fvcore's loader
-    resolves them: ``~`` expanded, relative paths against the including file's folder."""
+    resolves them: ``~`` expanded, relative paths against the including file's folder.
+
+    Returns:
+        bool: whether every file of the chain was read and scanned (False when one is not a
+        local file: missing, or a URL, which detectron2's file system could fetch).
+    """
     if path in seen:
         raise ValueError(f"Config file {path} includes itself through _BASE_")
+    if not os.path.isfile(path):
+        return False
     with open(path) as f:
         data = yaml.load(f, Loader=_ScanLoader)
     base = data.get("_BASE_") if isinstance(data, dict) else None
     if not isinstance(base, str):
-        return
+        return True
     base = os.path.expanduser(base)
     if not base.startswith(("http://", "https://", "s3://")) and not os.path.isabs(base):
         base = os.path.join(os.path.dirname(path), base)
-    if os.path.isfile(base):  # anything else is detectron2's to report
-        _scan_config_file(base, seen + (path,))
+    return _scan_config_file(base, seen + (path,))
 
 
 def load_config_file(cfg: CN, path: str) -> CN:
@@ -228,7 +256,7 @@ def load_config_file(cfg: CN, path: str) -> CN:
         ValueError: naming the file when it holds a tag that builds Python objects.
     """
     try:
-        _scan_config_file(path)
+        scanned = _scan_config_file(path)
     except (yaml.constructor.ConstructorError, _UnsafeTag) as e:
         raise ValueError(
             f"Config file {path} (or one of its _BASE_ files) holds a YAML tag that builds Python "
@@ -237,8 +265,15 @@ def load_config_file(cfg: CN, path: str) -> CN:
             f"!!python/object/apply:eval as detectron2's model zoo writes anchor sizes. "
             f"YAML error: {e}"
         ) from e
-    except FileNotFoundError:
-        pass  # detectron2's merge_from_file reports a missing file its own way
+    if not scanned:
+        # A file of the chain could not be scanned: detectron2 loads it without the unsafe
+        # fallback (and reports a missing file its own way); any tag then fails to load.
+        try:
+            cfg.merge_from_file(path, allow_unsafe=False)
+        except yaml.constructor.ConstructorError as e:
+            raise ValueError(f"Config file {path} (or one of its _BASE_ files) holds a YAML tag "
+                             f"that builds Python objects; refused. YAML error: {e}") from e
+        return cfg
     # Scanned: no tag but the arithmetic eval. fvcore's warning that it loads the file with
     # yaml.unsafe_load would only alarm here, so it is filtered out for this call.
     fvcore_logger = logging.getLogger("fvcore.common.config")

@@ -213,6 +213,9 @@ def test_model_zoo_config_with_arithmetic_eval_loads_as_detectron2_loads_it():
     "[(lambda: 1)()]",
     "[[x] for x in [1, 2] if print('{canary}')]",
     "'touch {canary}'",
+    "[0] * 10 ** 12",  # a list repeated: memory, not arithmetic
+    "[[2 ** 100000]]",  # an exponent far beyond any config value
+    "[[9 ** 9 ** 2]]",  # a power of a power
 ])
 def test_eval_tag_other_than_arithmetic_is_refused(tmp_path, canary, expression):
     crafted = tmp_path / "base.yaml"
@@ -223,6 +226,29 @@ def test_eval_tag_other_than_arithmetic_is_refused(tmp_path, canary, expression)
     for path in (crafted, child):
         with pytest.raises(ValueError, match=r"base\.yaml|child\.yaml"):
             load_config_file(_cfg(), str(path))
+    assert not canary.exists()
+
+
+def test_base_that_cannot_be_scanned_is_loaded_without_the_unsafe_fallback(tmp_path, canary,
+                                                                             monkeypatch):
+    # A _BASE_ the scan cannot read (a URL detectron2's file system would fetch) must not be
+    # loaded with yaml.unsafe_load: the tag in it fails to load instead of running.
+    from detectron2.utils.file_io import PathManager
+
+    remote = tmp_path / "remote.yaml"
+    remote.write_text(CRAFTED_YAML.format(canary=canary))
+    real_open, real_isfile = PathManager.open, PathManager.isfile
+
+    def fetch(path, *args, **kwargs):  # the "URL" is served from the local file
+        return real_open(str(remote) if path.startswith("https://") else path, *args, **kwargs)
+
+    monkeypatch.setattr(PathManager, "open", fetch)
+    monkeypatch.setattr(PathManager, "isfile",
+                        lambda path: path.startswith("https://") or real_isfile(path))
+    child = tmp_path / "child.yaml"
+    child.write_text("_BASE_: https://example.org/remote.yaml\n")
+    with pytest.raises(ValueError, match=r"child\.yaml .* refused"):
+        load_config_file(_cfg(), str(child))
     assert not canary.exists()
 
 
