@@ -32,8 +32,9 @@ clean-venv:
 # CPU demo (about 15 minutes on 2 cores): DeepForest tree crowns, RetinaNet with focal loss on a
 # MobileNetV2-FPN, 600 steps with flips, quarter turns and scale jitter, soft-NMS and box voting
 # (configs/demo_deepforest_mobilenet_v2_fpn_long.yaml); writes metrics, TensorBoard events,
-# checkpoints and val_predictions.png under output/demo/ and prints the COCO AP table. One OpenMP thread: with any other busy process on 2
-# cores, 2 spinning OpenMP threads made each step 5x slower than 1 thread. The data goes where
+# checkpoints and val_predictions.png under output/demo/ and prints the COCO AP table. One OpenMP
+# thread: with any other busy process on 2 cores, 2 spinning OpenMP threads made each step 5x
+# slower than 1 thread. The data goes where
 # train_net.py looks for it: $DETECTRON2_DATASETS/deepforest, default datasets/deepforest.
 DEMO_THREADS ?= 1
 .PHONY: demo

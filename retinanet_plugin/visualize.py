@@ -41,9 +41,8 @@ def _draw_tile(
                      dtype=np.float64).reshape(-1, 4) * scale  # COCO results are XYWH
     classes = np.array([id_to_index.get(p.get("category_id", 0), p.get("category_id", 0))
                         for p in kept], dtype=np.int64)
-    names = [str(n) for n in class_names] or []
-    if len(kept) and (not names or classes.max() >= len(names)):
-        names = names + [f"class {i}" for i in range(len(names), int(classes.max()) + 1)]
+    names = [str(n) for n in class_names]
+    names += [f"class {i}" for i in range(len(names), int(classes.max(initial=-1)) + 1)]
     image = draw_detections(image, boxes, np.array([p["score"] for p in kept]), classes, names)
     name = os.path.basename(record["file_name"])
     name = name if len(name) <= 28 else "..." + name[-25:]

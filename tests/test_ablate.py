@@ -82,6 +82,32 @@ def test_a_failed_run_does_not_stop_the_grid(tmp_path, monkeypatch):
     assert "| FL-g2 |" in (tmp_path / "table.md").read_text()
 
 
+def test_jobs_run_cells_at_once_and_the_table_keeps_the_settings_order(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def fake_run(cmd, **kwargs):  # a "training" that writes its metrics after a pause
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.2)
+        out = Path(cmd[cmd.index("OUTPUT_DIR") + 1])
+        seed = int(cmd[cmd.index("SEED") + 1])
+        _write_metrics(out, 10.0 + seed, 30.0, 1.0)
+        with lock:
+            running[0] -= 1
+        return subprocess.CompletedProcess(cmd, returncode=0)
+
+    monkeypatch.setattr(ablate.subprocess, "run", fake_run)
+    results = ablate.main(["--settings", "FL-g2", "CE", "--seeds", "0", "1", "--steps", "20",
+                           "--jobs", "2", "--output", str(tmp_path)])
+    assert peak[0] == 2
+    assert list(results) == ["FL-g2", "CE"] and list(results["CE"]) == [0, 1]
+    assert results["CE"][1]["AP"] == 11.0
+
+
 @pytest.mark.slow
 def test_one_tiny_real_run(tmp_path, monkeypatch):
     """One setting, one seed, 2 steps, train_net.py in its own process, read back."""

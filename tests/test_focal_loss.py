@@ -298,6 +298,25 @@ def test_kernel_variants_do_not_share_dynamos_recompile_limit(monkeypatch):
     assert len(kernel._variants) == 3
 
 
+def test_unit_upstream_gradient_skips_the_rescale_pass(monkeypatch):
+    # loss.backward() on a summed loss hands the kept gradient over without a rescale pass;
+    # any other upstream gradient is still applied.
+    calls = []
+    real = fused.scale_grad_
+    monkeypatch.setattr(fused, "scale_grad_", lambda g, s: calls.append(1) or real(g, s))
+    x, t = _data((6, 3), torch.float64)
+    (g_ref,) = torch.autograd.grad(sigmoid_focal_loss_reference(x.requires_grad_(), t, 0.25, 2.0,
+                                                                "sum"), x)
+    leaf = x.detach().clone().requires_grad_()
+    sigmoid_focal_loss(leaf, t, reduction="sum").backward()
+    assert calls == []
+    torch.testing.assert_close(leaf.grad, g_ref)
+    leaf.grad = None
+    (3 * sigmoid_focal_loss(leaf, t, reduction="sum")).backward()
+    assert calls == [1]
+    torch.testing.assert_close(leaf.grad, 3 * g_ref)
+
+
 def test_repeated_backward_with_retain_graph_gives_the_same_gradient():
     # The first backward rescales the kept gradient in place; later ones must still be right.
     x, t = _data((5, 3), torch.float32)
