@@ -340,6 +340,7 @@ def box_anchor_stats(
         return best, num_fg, best_level, num_fg.clone()
     hw_list = image_hw.tolist()
     grids = {(h, w): layout.grid_sizes(h, w) for h, w in set(map(tuple, hw_list))}
+    level_base, anchors_per_image = _anchor_index_bases(layout, list(grids.values()))
     # Foreground (box, anchor) entries: anchor key, IoU, box.
     keys, ious, owners = [], [], []
     for level, (cells, stride) in enumerate(zip(layout.cell_anchors, layout.strides)):
@@ -348,7 +349,7 @@ def box_anchor_stats(
         pair_box = boxes.repeat_interleave(a, dim=0)
         pair_cell = cells.repeat(num, 1)
         grid = torch.tensor([grids[(h, w)][level] for h, w in hw_list]).repeat_interleave(a, 0)
-        max_h, max_w = (int(x) + 1 for x in grid.max(dim=0).values)
+        max_w = max(g[level][1] for g in grids.values())
         start = layout.offset * stride  # centre of grid point 0, as detectron2's shifts
         bw, bh = pair_box[:, 2] - pair_box[:, 0], pair_box[:, 3] - pair_box[:, 1]
         aw, ah = pair_cell[:, 2] - pair_cell[:, 0], pair_cell[:, 3] - pair_cell[:, 1]
@@ -365,9 +366,11 @@ def box_anchor_stats(
             torch.ceil(torch.maximum(reach_x, reach_y) / stride).long() + 1,
             torch.zeros_like(nx),
         )
-        # Anchor identity: (image, level, cell anchor, y, x), unique across the dataset.
-        pair_key = ((image_index.repeat_interleave(a) * len(layout.strides) + level) * a
-                    + torch.arange(a).repeat(num)) * max_h * max_w
+        # Anchor identity, unique across levels and images: the image, then the anchor's index
+        # in detectron2's anchors of all levels concatenated (per level y, x, cell anchor), on
+        # the largest grid of the call.
+        pair_key = (image_index.repeat_interleave(a) * anchors_per_image + level_base[level]
+                    + torch.arange(a).repeat(num))
         pair_best = torch.zeros(len(radius))
         pair_fg = torch.zeros(len(radius), dtype=torch.int64)
         for r in torch.unique(radius).tolist():
@@ -381,7 +384,7 @@ def box_anchor_stats(
                 fg = iou >= fg_threshold
                 pair_fg[sel] = fg.sum(dim=1)
                 rows, cols = torch.nonzero(fg, as_tuple=True)
-                keys.append(pair_key[sel][rows] + gy[rows, cols] * max_w + gx[rows, cols])
+                keys.append(pair_key[sel][rows] + (gy[rows, cols] * max_w + gx[rows, cols]) * a)
                 ious.append(iou[rows, cols])
                 owners.append(sel[rows] // a)
         level_best = pair_best.view(num, a).max(dim=1).values
@@ -390,6 +393,19 @@ def box_anchor_stats(
         best_level = torch.where(better, torch.full_like(best_level, level), best_level)
         num_fg += pair_fg.view(num, a).sum(dim=1)
     return best, num_fg, best_level, _kept_after_matching(keys, ious, owners, num)
+
+
+def _anchor_index_bases(layout: AnchorLayout,
+                        grids: Sequence[List[Tuple[int, int]]]) -> Tuple[List[int], int]:
+    """Where each level's anchors start in the concatenation of all levels' anchors, and how
+    many anchors it holds, on the largest grid of each level among ``grids`` (each image's
+    per-level (height, width)). Every anchor of every image then has its own index; a smaller
+    image leaves some unused."""
+    bases, total = [], 0
+    for level, cells in enumerate(layout.cell_anchors):
+        bases.append(total)
+        total += len(cells) * max(g[level][0] for g in grids) * max(g[level][1] for g in grids)
+    return bases, total
 
 
 def _image_aligned_cuts(image_index: np.ndarray, size: int) -> List[int]:
