@@ -1,8 +1,7 @@
 """Config and model loading shared by the inference tools (predict, export)."""
 
-import json
 import logging
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,9 +16,19 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import RetinaNetCheckpointer
 from ..config import load_config
 from ..data.registration import register_config_datasets
+from ..evaluation.results import coco_category_ids
 from ..meta_arch import FocalRetinaNet
 
-__all__ = ["dataset_categories", "load_cfg", "load_model", "setup_logging", "to_model_input"]
+__all__ = [
+    "Categories",
+    "config_datasets",
+    "dataset_categories",
+    "dataset_classes",
+    "load_cfg",
+    "load_model",
+    "setup_logging",
+    "to_model_input",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,40 +94,74 @@ def load_model(cfg: CfgNode) -> FocalRetinaNet:
     return model.eval()
 
 
-def dataset_categories(cfg: CfgNode) -> Tuple[List[str], List[int]]:
-    """Class names and COCO category ids of the model's K classes.
+class Categories(NamedTuple):
+    """The model's K classes as a dataset names them.
 
-    From the first registered dataset of ``DATASETS.TEST`` / ``TRAIN`` with K categories: its
-    COCO JSON's categories sorted by id (detectron2's contiguous class i is the i-th of them),
-    else its ``thing_classes`` with ids 0..K-1. Without such a dataset: "class 0", "class 1", ...
+    Attributes:
+        names: K class names.
+        ids: K category ids, ``ids[i]`` for class i: the dataset's own ids through the reverse of
+            its ``thing_dataset_id_to_contiguous_id`` (as ``COCOEvaluator`` maps them), else
+            0..K-1 (what ``COCOEvaluator`` writes for a dataset without that mapping).
+        dataset: the dataset they come from; None for the generic "class i".
+    """
+
+    names: List[str]
+    ids: List[int]
+    dataset: Optional[str]
+
+
+def config_datasets(cfg: CfgNode) -> List[str]:
+    """The registered datasets of ``DATASETS.TEST``, then ``DATASETS.TRAIN``, each once."""
+    registered = set(DatasetCatalog.list())
+    names = dict.fromkeys(list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN))
+    return [name for name in names if name in registered]
+
+
+def dataset_classes(name: str, num_classes: int) -> Optional[Categories]:
+    """The categories of dataset ``name`` from its metadata, as ``COCOEvaluator`` reads them.
+
+    detectron2 fills a COCO JSON dataset's ``thing_classes`` and
+    ``thing_dataset_id_to_contiguous_id`` when it loads the file (the test loader does so before
+    the evaluator maps its results), so a dataset whose metadata lacks them is loaded; its
+    builtin COCO sets carry them without any file.
 
     Returns:
-        list[str]: K names; list[int]: K category ids, for COCO-results files.
+        Categories, or None when the dataset has no class names or not ``num_classes`` of them
+        (logged).
     """
-    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
-    for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
-        if name not in DatasetCatalog.list():
-            continue
-        meta = MetadataCatalog.get(name)
-        categories = _json_categories(meta.json_file) if meta.get("json_file") else None
-        if categories is None and meta.get("thing_classes") is not None:
-            categories = list(enumerate(meta.thing_classes))
-        if categories is None:
-            continue
-        if len(categories) == num_classes:
-            return [n for _, n in categories], [i for i, _ in categories]
+    meta = MetadataCatalog.get(name)
+    complete = meta.get("thing_classes") is not None and (
+        meta.get("thing_dataset_id_to_contiguous_id") is not None or not meta.get("json_file")
+    )
+    if not complete:
+        try:
+            DatasetCatalog.get(name)
+        # What detectron2's COCO loader raises on a missing or malformed file.
+        except (OSError, ValueError, KeyError, AssertionError) as e:
+            logger.warning("cannot load dataset %s for its categories: %s", name, e)
+    names = meta.get("thing_classes")
+    if names is None:
+        return None
+    if len(names) != num_classes:
         logger.warning(
             "dataset %s has %d categories, MODEL.RETINANET.NUM_CLASSES is %d: not using them",
-            name, len(categories), num_classes,
+            name, len(names), num_classes,
         )
-    return [f"class {i}" for i in range(num_classes)], list(range(num_classes))
-
-
-def _json_categories(json_file: str) -> Optional[List[Tuple[int, str]]]:
-    try:
-        with open(json_file) as f:
-            categories = json.load(f)["categories"]
-    except (OSError, ValueError, KeyError) as e:
-        logger.warning("cannot read the categories of %s: %s", json_file, e)
         return None
-    return sorted((c["id"], c["name"]) for c in categories)
+    to_category = coco_category_ids(meta)
+    ids = [to_category[i] for i in range(num_classes)] if to_category else list(range(num_classes))
+    return Categories(list(names), ids, name)
+
+
+def dataset_categories(cfg: CfgNode) -> Categories:
+    """Class names and category ids of the model's K classes.
+
+    From the first dataset of :func:`config_datasets` with K classes (:func:`dataset_classes`);
+    without one, "class 0", "class 1", ... with ids 0..K-1.
+    """
+    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
+    for name in config_datasets(cfg):
+        categories = dataset_classes(name, num_classes)
+        if categories is not None:
+            return categories
+    return Categories([f"class {i}" for i in range(num_classes)], list(range(num_classes)), None)

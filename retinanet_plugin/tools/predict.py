@@ -7,27 +7,41 @@ Example::
         --weights output/demo/model_final.pth --input datasets/deepforest/images clip.mp4 \\
         --output output/predict
 
-Images go through detectron2's test-time preprocessing (``DatasetMapper(cfg, is_train=False)``:
-``read_image`` in ``INPUT.FORMAT``, ``ResizeShortestEdge`` to ``MIN_SIZE_TEST`` /
-``MAX_SIZE_TEST``) and the boxes are mapped back to the original image, so the detections are
-those ``COCOEvaluator`` scores for the same images. Up to ``--batch-size`` consecutive inputs run
-as one batch when they pad to the same size (padding a smaller image to a larger one's size would
-change its detections).
+Image files go through the mapper of ``train_net.py``'s test loader
+(``RobustDatasetMapper(cfg, is_train=False)``: the plugin's ``read_image`` in ``INPUT.FORMAT``,
+``ResizeShortestEdge`` to ``MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``), the boxes are mapped back to the
+original image, and the COCO results are made by the conversion ``COCOEvaluator`` uses
+(:mod:`retinanet_plugin.evaluation.results`). An image of a registered dataset of the config
+(``DATASETS.TEST``, then ``TRAIN``, registered as ``train_net.py`` registers them; matched by its
+path under the dataset's image root) gets the dataset's image id and category ids, so the results
+file equals ``COCOEvaluator``'s for those images and can be scored against the dataset. Other
+inputs and video frames get ids of predict's own, which ``images.json`` and the log say.
 
-Writes to ``--output``: the drawn images (same file names), one annotated ``.mp4`` per video,
+Up to ``--batch-size`` consecutive inputs run as one batch when they pad to the same size
+(padding a smaller image to a larger one's size would change its detections). The evaluator runs
+one image at a time; on CPU, oneDNN's convolutions round differently for a batch of two than for
+one image, so batched scores and boxes can differ from the evaluator's in the last bits.
+
+Writes to ``--output``: the drawn images (same file names; ``.png`` for an extension OpenCV
+cannot write, e.g. ``.jfif``, ``.tga`` or none, logged), one annotated ``.mp4`` per video,
 ``coco_instances_results.json`` (COCO results: image_id, category_id, XYWH bbox, score) and
-``images.json`` (COCO ``images`` with the id, file name, size and, for video frames, the frame
-index of each input, and ``categories``). Inputs that cannot be read are logged by name and
-skipped; the exit code is then 1.
+``images.json`` (COCO ``images`` with the id, ``id_from`` (the dataset's name, or "predict"),
+file name, size and, for video frames, the frame index of each input; ``categories`` and
+``categories_from``). Both JSON files are written however the run ends (an error, Ctrl-C, a
+SIGTERM), with every image processed until then. Inputs that cannot be read are logged by name
+and skipped; the exit code is then 1.
 """
 
 import argparse
+import contextlib
 import glob
 import itertools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -37,11 +51,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from detectron2.data.detection_utils import convert_image_to_rgb, convert_PIL_to_numpy, read_image
-from detectron2.structures import BoxMode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import convert_image_to_rgb, convert_PIL_to_numpy
+from detectron2.structures import Instances
 
+from ..data.mapper import UNREADABLE_IMAGE_ERRORS, RobustDatasetMapper, read_image
+from ..evaluation.results import instances_to_coco_results
 from ..visualize import draw_detections
-from .model_setup import dataset_categories, load_cfg, load_model, setup_logging, to_model_input
+from .model_setup import (
+    Categories,
+    config_datasets,
+    dataset_categories,
+    dataset_classes,
+    load_cfg,
+    load_model,
+    setup_logging,
+    to_model_input,
+)
 
 try:  # an optional nicety: without tqdm, progress is logged
     from tqdm import tqdm
@@ -54,6 +80,8 @@ IMAGE_EXTENSIONS = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
 VIDEO_EXTENSIONS = {".avi", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".webm"}
 RESULTS_FILE = "coco_instances_results.json"
 IMAGES_FILE = "images.json"
+OWN_IDS = "predict"  # images.json's "id_from" of an id that is predict's own, not a dataset's
+FALLBACK_EXTENSION = ".png"  # for drawings of inputs whose extension OpenCV cannot write
 
 
 def expand_inputs(patterns: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -94,9 +122,45 @@ class Frame:
     """One image to run the model on."""
 
     source: str  # input file
-    image: np.ndarray  # (H, W, C) in INPUT.FORMAT, original size
+    image: np.ndarray  # (H, W, C) in INPUT.FORMAT, original size, for the drawing
+    # The model's input, as the test loader gives it: "image" (C, H', W') resized, "height" and
+    # "width" of the original, "image_id".
+    inputs: Dict[str, Any]
     frame_index: Optional[int] = None  # position in a video
-    image_id: int = 0
+    id_from: str = OWN_IDS  # the dataset whose image id this is, or OWN_IDS
+
+    @property
+    def image_id(self) -> int:
+        return self.inputs["image_id"]
+
+
+def match_dataset(cfg, files: Sequence[str]) -> Tuple[Optional[str], Dict[str, Dict[str, Any]]]:
+    """The dataset that ``files`` are images of.
+
+    The first dataset of ``DATASETS.TEST``, then ``DATASETS.TRAIN`` (registered), with
+    ``MODEL.RETINANET.NUM_CLASSES`` classes, that has a record whose ``file_name`` is one of
+    ``files`` (same real path). Only datasets whose ``image_root`` holds one of the files are
+    loaded.
+
+    Returns:
+        The dataset's name (None without one) and its records by real path of the image.
+    """
+    paths = {os.path.realpath(f) for f in files}
+    for name in config_datasets(cfg):
+        root = MetadataCatalog.get(name).get("image_root")
+        prefix = os.path.join(os.path.realpath(root), "") if root else None
+        if prefix is None or not any(p.startswith(prefix) for p in paths):
+            continue
+        try:
+            records = DatasetCatalog.get(name)
+        # What detectron2's COCO loader raises on a missing or malformed file.
+        except (OSError, ValueError, KeyError, AssertionError) as e:
+            logger.warning("cannot load dataset %s to match image ids: %s", name, e)
+            continue
+        by_path = {os.path.realpath(r["file_name"]): r for r in records}
+        if paths & by_path.keys() and dataset_classes(name, cfg.MODEL.RETINANET.NUM_CLASSES):
+            return name, by_path
+    return None, {}
 
 
 def read_video(path: str, image_format: str) -> Iterator[np.ndarray]:
@@ -129,55 +193,39 @@ def read_video(path: str, image_format: str) -> Iterator[np.ndarray]:
 class Predictor:
     """Batches :class:`Frame` s of equal padded size and runs the model on them."""
 
-    def __init__(self, cfg, model, batch_size: int):
+    def __init__(self, model, batch_size: int):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        self.cfg = cfg
         self.model = model
         self.batch_size = batch_size
         self.size_divisibility = max(1, model.backbone.size_divisibility)
-        self._pending: List[Tuple[Frame, torch.Tensor]] = []
+        self._pending: List[Frame] = []
 
     def _padded_size(self, tensor: torch.Tensor) -> Tuple[int, int]:
         d = self.size_divisibility
         return (-(-tensor.shape[-2] // d) * d, -(-tensor.shape[-1] // d) * d)
 
-    def add(self, frame: Frame) -> List[Tuple[Frame, Dict[str, np.ndarray]]]:
+    def add(self, frame: Frame) -> List[Tuple[Frame, Instances]]:
         """Queue ``frame``; returns the detections of the batch this completes, if any."""
-        tensor = to_model_input(self.cfg, frame.image)
         done = []
-        if self._pending and self._padded_size(self._pending[0][1]) != self._padded_size(tensor):
+        if self._pending and self._padded_size(self._pending[0].inputs["image"]) != (
+            self._padded_size(frame.inputs["image"])
+        ):
             done = self.flush()
-        self._pending.append((frame, tensor))
+        self._pending.append(frame)
         if len(self._pending) >= self.batch_size:
             done += self.flush()
         return done
 
     @torch.no_grad()
-    def flush(self) -> List[Tuple[Frame, Dict[str, np.ndarray]]]:
-        """Run the queued frames; returns each with its boxes (XYXY, original pixels), scores
-        and classes."""
+    def flush(self) -> List[Tuple[Frame, Instances]]:
+        """Run the queued frames; returns each with its detections (on the CPU, boxes in
+        original pixels)."""
         if not self._pending:
             return []
         batch, self._pending = self._pending, []
-        inputs = [
-            {"image": t, "height": f.image.shape[0], "width": f.image.shape[1]} for f, t in batch
-        ]
-        outputs = self.model(inputs)
-        done = []
-        for (frame, _), output in zip(batch, outputs):
-            instances = output["instances"].to("cpu")
-            done.append(
-                (
-                    frame,
-                    {
-                        "boxes": instances.pred_boxes.tensor.numpy(),
-                        "scores": instances.scores.numpy(),
-                        "classes": instances.pred_classes.numpy(),
-                    },
-                )
-            )
-        return done
+        outputs = self.model([frame.inputs for frame in batch])
+        return [(frame, out["instances"].to("cpu")) for frame, out in zip(batch, outputs)]
 
 
 class Progress:
@@ -220,12 +268,12 @@ class Writer:
     """Drawn images, annotated videos and the two JSON files."""
 
     def __init__(
-        self, out_dir: str, image_format: str, class_names: Sequence[str],
-        category_ids: Sequence[int], draw_thresh: float,
+        self, out_dir: str, image_format: str, categories: Categories, draw_thresh: float
     ):
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.image_format = out_dir, image_format
-        self.class_names, self.category_ids = list(class_names), list(category_ids)
+        self.categories = categories
+        self._category_ids = dict(enumerate(categories.ids))
         self.draw_thresh = draw_thresh
         self.results: List[Dict[str, Any]] = []
         self.images: List[Dict[str, Any]] = []
@@ -236,43 +284,50 @@ class Writer:
 
     def output_path(self, source: str, video: bool) -> str:
         name = os.path.basename(source)
+        stem = os.path.splitext(name)[0]
         if video:
-            name = os.path.splitext(name)[0] + ".mp4"
+            name = stem + ".mp4"
+        elif not cv2.haveImageWriter(name):
+            name = stem + FALLBACK_EXTENSION
+            logger.info("OpenCV cannot write %s: its drawing is %s", source, name)
         path = _unique_path(self.out_dir, name, self._taken)
         if os.path.exists(path) and os.path.samefile(path, source):
             raise ValueError(f"--output would overwrite the input {source}; choose another folder")
         return path
 
-    def add(self, frame: Frame, det: Dict[str, np.ndarray], fps: float = 0.0) -> None:
+    def add(self, frame: Frame, instances: Instances, fps: float = 0.0) -> None:
+        """Records ``frame``'s entry and results, then draws its detections."""
         height, width = frame.image.shape[:2]
-        entry = {"id": frame.image_id, "file_name": frame.source, "height": height, "width": width}
+        entry = {
+            "id": frame.image_id, "id_from": frame.id_from, "file_name": frame.source,
+            "height": height, "width": width,
+        }
         if frame.frame_index is not None:
             entry["frame"] = frame.frame_index
         self.images.append(entry)
-        xywh = BoxMode.convert(det["boxes"].copy(), BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
-        for box, score, cls in zip(xywh.tolist(), det["scores"].tolist(), det["classes"].tolist()):
-            self.results.append(
-                {
-                    "image_id": frame.image_id,
-                    "category_id": self.category_ids[cls],
-                    "bbox": box,
-                    "score": score,
-                }
-            )
+        self.results += instances_to_coco_results(instances, frame.image_id, self._category_ids)
+        self._draw(frame, instances, fps)
+
+    def _draw(self, frame: Frame, instances: Instances, fps: float) -> None:
         bgr = np.ascontiguousarray(convert_image_to_rgb(frame.image, self.image_format)[:, :, ::-1])
         drawn = draw_detections(
-            bgr, det["boxes"], det["scores"], det["classes"], self.class_names,
-            score_thresh=self.draw_thresh,
+            bgr, instances.pred_boxes.tensor.numpy(), instances.scores.numpy(),
+            instances.pred_classes.numpy(), self.categories.names, score_thresh=self.draw_thresh,
         )
         if frame.frame_index is None:
             path = self.output_path(frame.source, video=False)
-            if not cv2.imwrite(path, drawn):
+            try:
+                ok = cv2.imwrite(path, drawn)
+            except cv2.error as e:
+                raise OSError(f"cannot write {path}: {e}") from e
+            if not ok:
                 raise OSError(f"cannot write {path}")
             self.written.append(path)
             return
         if self._video_source != frame.source:
             self.close_video()
             path = self.output_path(frame.source, video=True)
+            height, width = drawn.shape[:2]
             self._video = cv2.VideoWriter(
                 path, cv2.VideoWriter_fourcc(*"mp4v"), fps or 25.0, (width, height)
             )
@@ -288,15 +343,28 @@ class Writer:
         self._video, self._video_source = None, None
 
     def finish(self) -> Tuple[str, str]:
+        """Closes the video and writes both JSON files (each replaced whole, never half
+        written)."""
         self.close_video()
+        categories = [{"id": i, "name": n} for i, n in zip(self.categories.ids,
+                                                          self.categories.names)]
+        images = {
+            "images": self.images,
+            "categories": categories,
+            "categories_from": self.categories.dataset,
+        }
         results_path = os.path.join(self.out_dir, RESULTS_FILE)
-        with open(results_path, "w") as f:
-            json.dump(self.results, f)
         images_path = os.path.join(self.out_dir, IMAGES_FILE)
-        categories = [{"id": i, "name": n} for i, n in zip(self.category_ids, self.class_names)]
-        with open(images_path, "w") as f:
-            json.dump({"images": self.images, "categories": categories}, f, indent=1)
+        _write_json(results_path, self.results)
+        _write_json(images_path, images, indent=1)
         return results_path, images_path
+
+
+def _write_json(path: str, data: Any, indent: Optional[int] = None) -> None:
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        json.dump(data, f, indent=indent)
+    os.replace(partial, path)
 
 
 def _count_frames(path: str) -> int:
@@ -315,6 +383,50 @@ def _video_fps(path: str) -> float:
         capture.release()
 
 
+def _image_frame(
+    path: str, mapper: RobustDatasetMapper, records: Dict[str, Dict[str, Any]],
+    dataset: Optional[str], own_id: int,
+) -> Frame:
+    """The frame of an image file: read, resized and checked by the test loader's mapper, with
+    the dataset's record (its image id, size) when the file is one of its images.
+
+    Raises:
+        OSError, SyntaxError, ValueError: the file cannot be decoded, or its size is not its
+        record's.
+    """
+    record = records.get(os.path.realpath(path))
+    if record is None:
+        dataset_dict, id_from = {"file_name": path, "image_id": own_id}, OWN_IDS
+    else:
+        dataset_dict = {k: v for k, v in record.items() if k != "annotations"}
+        id_from = dataset
+    image = read_image(path, format=mapper.image_format)  # the mapper's reader, for the drawing
+    return Frame(path, image, mapper(dataset_dict), None, id_from)
+
+
+def _log_image_ids(images: Sequence[Dict[str, Any]], dataset: Optional[str]) -> None:
+    own = [im["id"] for im in images if im["id_from"] == OWN_IDS]
+    if dataset is not None:
+        logger.info(
+            "%d of %d images are images of dataset %s: their image ids and category ids are the "
+            "dataset's", len(images) - len(own), len(images), dataset,
+        )
+    if not own:
+        return
+    if dataset is None:
+        logger.info(
+            "Image ids are predict's own (%d..%d; images.json names each file): no input is an "
+            "image of a registered dataset of DATASETS.TEST / TRAIN (matched by its path under "
+            "the dataset's image root)", min(own), max(own),
+        )
+        return
+    logger.warning(
+        "%d of %d images are not in dataset %s: their ids (%d..%d, after the dataset's) are "
+        "predict's own (\"id_from\": \"%s\" in images.json)",
+        len(own), len(images), dataset, min(own), max(own), OWN_IDS,
+    )
+
+
 def predict(
     cfg,
     model,
@@ -326,6 +438,8 @@ def predict(
 ) -> Tuple[List[str], Dict[str, Any]]:
     """Run ``model`` on every file of ``inputs`` and write the outputs to ``out_dir``.
 
+    The JSON files are written however this returns or raises, with every image done by then.
+
     Returns:
         list[str]: inputs that could not be read (patterns matching nothing, unreadable images
         or videos), each already logged as an error; dict: a summary (``images``, ``detections``,
@@ -334,45 +448,69 @@ def predict(
     files, failed = expand_inputs(inputs)
     for pattern in failed:
         logger.error("no such file, folder or glob match: %s", pattern)
-    names, category_ids = dataset_categories(cfg)
-    writer = Writer(out_dir, cfg.INPUT.FORMAT, names, category_ids, draw_thresh)
-    predictor = Predictor(cfg, model, batch_size)
+    dataset, records = match_dataset(cfg, [f for f in files if not is_video(f)])
+    if dataset is None:
+        categories = dataset_categories(cfg)
+    else:
+        categories = dataset_classes(dataset, cfg.MODEL.RETINANET.NUM_CLASSES)
+    writer = Writer(out_dir, cfg.INPUT.FORMAT, categories, draw_thresh)
+    predictor = Predictor(model, batch_size)
+    if batch_size > 1:
+        logger.info(
+            "--batch-size %d: the evaluator runs one image at a time; batched convolutions may "
+            "round differently, so scores and boxes may differ from COCOEvaluator's in the last "
+            "bits", batch_size,
+        )
+    mapper = RobustDatasetMapper(cfg, is_train=False)  # train_net.py's test-loader mapper
     total = sum(_count_frames(f) if is_video(f) else 1 for f in files)
     progress = Progress(total)
     fps: Dict[str, float] = {}
-    next_id = 1
+    next_id = max((r["image_id"] for r in records.values()), default=0) + 1
 
-    def emit(done: List[Tuple[Frame, Dict[str, np.ndarray]]]) -> None:
-        for frame, det in done:
-            writer.add(frame, det, fps.get(frame.source, 0.0))
+    def emit(done: List[Tuple[Frame, Instances]]) -> None:
+        for frame, instances in done:
+            writer.add(frame, instances, fps.get(frame.source, 0.0))
         progress.update(len(done))
 
-    for path in files:
-        if is_video(path):
-            fps[path] = _video_fps(path)
-            frames = read_video(path, cfg.INPUT.FORMAT)
+    finished = False
+    try:
+        for path in files:
+            if is_video(path):
+                fps[path] = _video_fps(path)
+                frames = read_video(path, cfg.INPUT.FORMAT)
+                try:
+                    first = next(frames)
+                except OSError as e:
+                    logger.error("cannot read %s, skipped: %s", path, e)
+                    failed.append(path)
+                    continue
+                for index, image in enumerate(itertools.chain([first], frames)):
+                    height, width = image.shape[:2]
+                    model_inputs = {"image": to_model_input(cfg, image), "height": height,
+                                    "width": width, "image_id": next_id}
+                    emit(predictor.add(Frame(path, image, model_inputs, index)))
+                    next_id += 1
+                emit(predictor.flush())  # a video's frames go to its own writer
+                continue
             try:
-                first = next(frames)
-            except OSError as e:
+                frame = _image_frame(path, mapper, records, dataset, next_id)
+            except UNREADABLE_IMAGE_ERRORS + (ValueError,) as e:
                 logger.error("cannot read %s, skipped: %s", path, e)
                 failed.append(path)
                 continue
-            for index, image in enumerate(itertools.chain([first], frames)):
-                emit(predictor.add(Frame(path, image, index, next_id)))
-                next_id += 1
-            emit(predictor.flush())  # a video's frames go to its own writer
-            continue
-        try:
-            image = read_image(path, format=cfg.INPUT.FORMAT)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad files
-            logger.error("cannot read %s, skipped: %s", path, e)
-            failed.append(path)
-            continue
-        emit(predictor.add(Frame(path, image, None, next_id)))
-        next_id += 1
-    emit(predictor.flush())
-    progress.close()
-    results_file, images_file = writer.finish()
+            next_id += frame.id_from == OWN_IDS
+            emit(predictor.add(frame))
+        emit(predictor.flush())
+        finished = True
+    finally:
+        progress.close()
+        results_file, images_file = writer.finish()
+        if not finished:
+            logger.error(
+                "Stopped after %d images; their results are in %s and %s",
+                len(writer.images), results_file, images_file,
+            )
+    _log_image_ids(writer.images, dataset)
     summary = {
         "images": progress.count,
         "detections": len(writer.results),
@@ -409,8 +547,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (``kill``, a job scheduler's stop) raises SystemExit in the main thread, so
+    :func:`predict` writes the results so far as it does on any other exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    with _sigterm_as_exit():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         cfg = load_cfg(
             args.config_file, args.opts, weights=args.weights, device=args.device,
