@@ -1,6 +1,7 @@
-"""analyze_anchors: per-box coverage equals detectron2's anchors + pairwise_iou + Matcher over the
-whole grid; hand-computed coverage of synthetic boxes; the proposal never covers fewer boxes; a
-command-line run on the DeepForest demo data."""
+"""The anchor analysis (retinanet_plugin.anchors; its command line, tools.analyze_anchors):
+per-box coverage equals detectron2's anchors + pairwise_iou + Matcher over the whole grid;
+hand-computed coverage of synthetic boxes; the proposal never covers fewer boxes; a command-line
+run on the DeepForest demo data."""
 
 import json
 
@@ -18,8 +19,10 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, BoxMode, ImageList, pairwise_iou
 
 from retinanet_plugin import add_retinanet_plugin_config
+from retinanet_plugin import anchors as aa
+from retinanet_plugin.anchors import matching
 from retinanet_plugin.data import convert_voc_to_coco, fetch_deepforest
-from retinanet_plugin.tools import analyze_anchors as aa
+from retinanet_plugin.tools import analyze_anchors
 
 CONFIGS = "configs"
 STRIDES = (8, 16, 32, 64, 128)
@@ -109,8 +112,8 @@ def _box_set(boxes, height, width):
 @pytest.mark.parametrize("offset,divisibility,chunked", [(0.0, 128, False), (0.5, 32, True)])
 def test_window_search_equals_full_grid(offset, divisibility, chunked, monkeypatch):
     if chunked:  # 300 boxes in chunks of 128, IoU blocks of at most 4096 values
-        monkeypatch.setattr(aa, "_BOX_CHUNK", 128)
-        monkeypatch.setattr(aa, "_CHUNK_ELEMENTS", 4096)
+        monkeypatch.setattr(matching, "_BOX_CHUNK", 128)
+        monkeypatch.setattr(matching, "_CHUNK_ELEMENTS", 4096)
     cfg = _cfg(offset=offset)
     layout = _layout(cfg, divisibility)
     rng = np.random.default_rng(0)
@@ -151,7 +154,7 @@ def test_kept_anchors_equal_matcher_on_crowded_images(monkeypatch):
     """Overlapping boxes compete for anchors: each box keeps the foreground anchors whose
     highest-IoU box it is, as detectron2's Matcher assigns them over the whole grid. Two images
     of 40 boxes around 3 centres, processed in image-aligned chunks of 30 boxes."""
-    monkeypatch.setattr(aa, "_BOX_CHUNK", 30)
+    monkeypatch.setattr(matching, "_BOX_CHUNK", 30)
     cfg = _cfg()
     layout = _layout(cfg)
     matcher = Matcher([0.4, 0.5], [0, -1, 1], allow_low_quality_matches=True)
@@ -180,8 +183,8 @@ def test_kept_anchors_equal_matcher_on_crowded_images(monkeypatch):
     assert kept[5] == 0 < kept[0]  # the duplicate (box 5) loses every anchor to box 0
     assert (kept < num_fg).sum() > 10  # neighbours did take anchors
     # Chunks end at image boundaries; an image larger than the chunk is one chunk.
-    assert aa._image_aligned_cuts(np.array([0, 0, 1, 1, 1, 2, 3, 3]), 3) == [0, 2, 5, 8]
-    assert aa._image_aligned_cuts(np.array([0, 0, 1, 1, 1, 2, 3, 3]), 1) == [0, 2, 5, 6, 8]
+    assert matching._image_aligned_cuts(np.array([0, 0, 1, 1, 1, 2, 3, 3]), 3) == [0, 2, 5, 8]
+    assert matching._image_aligned_cuts(np.array([0, 0, 1, 1, 1, 2, 3, 3]), 1) == [0, 2, 5, 6, 8]
 
 
 def test_kept_anchors_equal_matcher_on_random_images():
@@ -237,7 +240,7 @@ def test_grid_sizes_equal_backbone_feature_maps():
     for cfg in (demo, c4):
         shapes, divisibility, square = aa.backbone_shapes(cfg)
         layout = aa.anchor_layout(cfg, shapes, divisibility, square)
-        backbone = build_backbone(aa._backbone_cfg(cfg)).eval()
+        backbone = build_backbone(aa.layout._backbone_cfg(cfg)).eval()
         images = ImageList.from_tensors([torch.zeros(3, 200, 249)], backbone.size_divisibility)
         with torch.no_grad():
             feats = backbone(images.tensor)
@@ -416,8 +419,8 @@ def demo_json(tmp_path_factory):
 def test_cli_on_demo_data(demo_json, tmp_path, capsys):
     config = f"{CONFIGS}/demo_deepforest_mobilenet_v2_fpn.yaml"
     out = tmp_path / "out"
-    report = aa.main(["--config-file", config, "--dataset", str(demo_json), "--output", str(out),
-                      "--search-pairs", "200"])
+    report = analyze_anchors.main(["--config-file", config, "--dataset", str(demo_json),
+                                   "--output", str(out), "--search-pairs", "200"])
     printed = capsys.readouterr().out
     saved = json.loads((out / "anchor_report.json").read_text())
     assert saved["coverage"] == report["coverage"]
@@ -427,7 +430,7 @@ def test_cli_on_demo_data(demo_json, tmp_path, capsys):
 
     # Every tile is 400x400 and trains at 400: the per-box figures equal detectron2's full grid.
     assert {(i["height"], i["width"]) for i in coco["images"]} == {(400, 400)}
-    cfg = aa.setup_cfg(config, [])
+    cfg = analyze_anchors.setup_cfg(config, [])
     # MobileNetV2-FPN: p3-p7 at strides 8-128, padded to 128 (its feature maps are compared with
     # the layout's in test_grid_sizes_equal_backbone_feature_maps).
     assert saved["anchors"]["strides"] == list(STRIDES)
@@ -458,6 +461,13 @@ def test_cli_on_demo_data(demo_json, tmp_path, capsys):
     assert "MODEL.ANCHOR_GENERATOR.SIZES [[" in printed
     picture = cv2.imread(str(out / "best_iou_histogram.png"))
     assert picture is not None and picture.shape[0] > 100 and picture.std() > 0
+
+
+def test_command_line_module_keeps_the_api():
+    """Scripts that imported the analysis from the command-line module (benchmarks/) get the
+    package's own functions, not copies."""
+    for name in aa.__all__:
+        assert getattr(analyze_anchors, name) is getattr(aa, name), name
 
 
 def test_unknown_dataset_is_named():
