@@ -37,11 +37,7 @@ from detectron2.utils.logger import setup_logger
 
 from retinanet_plugin import RetinaNetCheckpointer
 from retinanet_plugin.config import load_config
-from retinanet_plugin.data import (
-    CrowdDatasetMapper,
-    RobustDatasetMapper,
-    check_datasets,
-)
+from retinanet_plugin.data import build_dataset_mapper, check_datasets
 from retinanet_plugin.data.registration import register_config_datasets
 from retinanet_plugin.engine import (
     BatchRecorder,
@@ -129,19 +125,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        # The mapper: 16-bit grayscale keeps its contrast, DATALOADER.SKIP_UNREADABLE_IMAGES
-        # skips images that fail to decode; with MODEL.RETINANET.CROWD_IGNORE one that keeps the
-        # crowd regions detectron2's mapper drops. The sampler can continue the data stream where
-        # a killed run stopped; BatchRecorder keeps the last batch's image ids for the loss guard.
-        if cfg.MODEL.RETINANET.CROWD_IGNORE:
-            if cfg.DATALOADER.SKIP_UNREADABLE_IMAGES:
-                raise ValueError(
-                    "MODEL.RETINANET.CROWD_IGNORE and DATALOADER.SKIP_UNREADABLE_IMAGES cannot be "
-                    "combined yet: the crowd-keeping mapper does not skip images; turn one off"
-                )
-            mapper = CrowdDatasetMapper(cfg, is_train=True)
-        else:
-            mapper = RobustDatasetMapper(cfg, is_train=True)
+        # The plugin's one mapper: 16-bit grayscale keeps its contrast, integer boxes are not
+        # truncated, DATALOADER.SKIP_UNREADABLE_IMAGES skips images that fail to decode,
+        # MODEL.RETINANET.CROWD_IGNORE keeps the crowd regions detectron2's mapper drops. The
+        # sampler can continue the data stream where a killed run stopped; BatchRecorder keeps
+        # the last batch's image ids for the loss guard.
+        mapper = build_dataset_mapper(cfg, is_train=True)
         loader = build_resumable_train_loader(cfg, mapper=mapper)
         skipped = mapper.skipped if getattr(mapper, "skip_unreadable", False) else None
         return BatchRecorder(loader, skipped=skipped)
@@ -149,7 +138,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         return build_detection_test_loader(
-            cfg, dataset_name, mapper=RobustDatasetMapper(cfg, is_train=False)
+            cfg, dataset_name, mapper=build_dataset_mapper(cfg, is_train=False)
         )
 
     @classmethod

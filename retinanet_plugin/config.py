@@ -3,19 +3,18 @@
 Every ``MODEL.RETINANET.*`` key detectron2 already defines keeps detectron2's meaning, so
 detectron2's own RetinaNet configs build ``FocalRetinaNet`` unchanged once ``META_ARCHITECTURE``
 names it. The keys below are new; each comment gives its meaning and, where the paper has one, its
-symbol.
+symbol. :func:`load_config` builds the config every entry point uses; YAML files are read by
+:mod:`retinanet_plugin.config_file`.
 """
 
-import ast
-import logging
-import os
-from typing import Sequence, Tuple
-
-import yaml
+from typing import Sequence
 
 from detectron2.config import CfgNode as CN
 
 from .backbone import add_mobilenet_config
+from .config_file import load_config_file
+
+__all__ = ["add_retinanet_plugin_config", "load_config", "load_config_file"]
 
 
 def add_retinanet_plugin_config(cfg: CN) -> CN:
@@ -92,7 +91,7 @@ def add_retinanet_plugin_config(cfg: CN) -> CN:
     _set_default(cfg.DATALOADER, "SKIP_UNREADABLE_IMAGES", False)
 
     # ---- Augmentations for orientation-free imagery (retinanet_plugin.data.augmentations) ----
-    # Applied in training after detectron2's resize and RANDOM_FLIP, by the plugin's mappers.
+    # Applied in training after detectron2's resize and RANDOM_FLIP, by the dataset mapper.
     # A top-bottom flip with probability 0.5, on top of RANDOM_FLIP's.
     _set_default(cfg.INPUT, "VERTICAL_FLIP", False)
     # A rotation by 0 / 90 / 180 / 270 degrees (exact: pixels moved, boxes unchanged in shape).
@@ -137,156 +136,6 @@ def _add_test_time_and_crowd_config(rcfg: CN) -> None:
 def _set_default(node: CN, key: str, value) -> None:
     if key not in node:
         node[key] = value
-
-
-# ---- Hostile files: configs are loaded without yaml.unsafe_load (issue 8) ----
-
-# The one Python tag detectron2's own model-zoo configs use: Base-RetinaNet.yaml writes its anchor
-# sizes as ``!!python/object/apply:eval ["[[x, x * 2**(1.0/3), x * 2**(2.0/3)] for x in
-# [32, 64, 128, 256, 512]]"]``. Such an expression is accepted when it is arithmetic on numbers
-# inside lists, tuples and list comprehensions, and nothing else (no calls, attributes,
-# subscripts or names other than the comprehensions' own variables).
-_EVAL_TAG = "tag:yaml.org,2002:python/object/apply:eval"
-_ARITHMETIC_NODES = (
-    ast.Expression, ast.List, ast.Tuple, ast.ListComp, ast.comprehension, ast.Constant,
-    ast.BinOp, ast.UnaryOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.USub, ast.UAdd,
-    ast.Name, ast.Load, ast.Store,
-)
-
-
-class _UnsafeTag(Exception):
-    """A YAML tag, or an eval expression, that is not plain data."""
-
-
-def _check_arithmetic(expression: str) -> None:
-    try:
-        tree = ast.parse(expression, mode="eval")
-    except SyntaxError as e:
-        raise _UnsafeTag(f"eval of {expression!r} does not parse: {e}") from e
-    loop_vars = {n.target.id for n in ast.walk(tree)
-                 if isinstance(n, ast.comprehension) and isinstance(n.target, ast.Name)}
-    for node in ast.walk(tree):
-        if not isinstance(node, _ARITHMETIC_NODES):
-            raise _UnsafeTag(f"eval of {expression!r} uses {type(node).__name__}, not only "
-                             "arithmetic on numbers in lists")
-        if isinstance(node, ast.Constant) and type(node.value) not in (int, float):
-            raise _UnsafeTag(f"eval of {expression!r} holds the constant {node.value!r}")
-        if isinstance(node, ast.Name) and node.id not in loop_vars:
-            raise _UnsafeTag(f"eval of {expression!r} names {node.id!r}")
-        if isinstance(node, ast.comprehension) and node.ifs:
-            raise _UnsafeTag(f"eval of {expression!r} filters its comprehension")
-        if isinstance(node, ast.BinOp):
-            _check_operands(expression, node)
-
-
-# Largest integer exponent accepted: 10 ** 64 is already far beyond any config value, while
-# 9 ** 9 ** 9 would keep the loader busy for hours.
-_MAX_EXPONENT = 64
-
-
-def _check_operands(expression: str, node: ast.BinOp) -> None:
-    """Arithmetic on numbers only: no list repeated (``[0] * 10 ** 12`` would exhaust memory),
-    no exponent that is itself a power or a large integer."""
-    for side in (node.left, node.right):
-        if isinstance(side, (ast.List, ast.Tuple, ast.ListComp)):
-            raise _UnsafeTag(f"eval of {expression!r} applies arithmetic to a list")
-    if isinstance(node.op, ast.Pow):
-        exponent = node.right
-        if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) for n in ast.walk(exponent)):
-            raise _UnsafeTag(f"eval of {expression!r} raises to a power of a power")
-        if (isinstance(exponent, ast.Constant) and isinstance(exponent.value, int)
-                and abs(exponent.value) > _MAX_EXPONENT):
-            raise _UnsafeTag(f"eval of {expression!r} has an exponent above {_MAX_EXPONENT}")
-
-
-class _ScanLoader(yaml.SafeLoader):
-    """Safe loading plus the arithmetic eval tag, checked (its value is not computed)."""
-
-
-def _construct_eval(loader: yaml.SafeLoader, node: yaml.Node):
-    args = loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else None
-    if not args or len(args) != 1 or not isinstance(args[0], str):
-        raise _UnsafeTag(f"{node.tag} with arguments other than one expression string")
-    _check_arithmetic(args[0])
-    return None
-
-
-_ScanLoader.add_constructor(_EVAL_TAG, _construct_eval)
-
-
-def _scan_config_file(path: str, seen: Tuple[str, ...] = ()) -> bool:
-    """Raise _UnsafeTag (or yaml's ConstructorError) if ``path`` or any of its ``_BASE_`` files
-    holds a Python tag other than the arithmetic eval above. Bases resolve as fvcore's loader
-    resolves them: ``~`` expanded, relative paths against the including file's folder.
-
-    Returns:
-        bool: whether every file of the chain was read and scanned (False when one is not a
-        local file: missing, or a URL, which detectron2's file system could fetch).
-    """
-    if path in seen:
-        raise ValueError(f"Config file {path} includes itself through _BASE_")
-    if not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        data = yaml.load(f, Loader=_ScanLoader)
-    base = data.get("_BASE_") if isinstance(data, dict) else None
-    if not isinstance(base, str):
-        return True
-    base = os.path.expanduser(base)
-    if not base.startswith(("http://", "https://", "s3://")) and not os.path.isabs(base):
-        base = os.path.join(os.path.dirname(path), base)
-    return _scan_config_file(base, seen + (path,))
-
-
-def load_config_file(cfg: CN, path: str) -> CN:
-    """Merge the YAML config ``path`` (and its ``_BASE_`` files) into ``cfg`` safely.
-
-    detectron2's ``CfgNode.merge_from_file`` falls back to ``yaml.unsafe_load`` when a file holds
-    a Python tag (``!!python/object/apply:os.system [...]`` runs a command while loading). Here
-    every file of the ``_BASE_`` chain is scanned first with a safe loader, and any Python tag
-    refuses the file, except ``!!python/object/apply:eval`` of an arithmetic expression on numbers
-    in lists (detectron2's model-zoo ``Base-RetinaNet.yaml`` writes its anchor sizes so); only
-    then does detectron2 load it.
-
-    Args:
-        cfg (CfgNode): the config to merge into, in place (and returned).
-        path (str): the YAML file.
-
-    Raises:
-        ValueError: naming the file when it holds a tag that builds Python objects.
-    """
-    try:
-        scanned = _scan_config_file(path)
-    except (yaml.constructor.ConstructorError, _UnsafeTag) as e:
-        raise ValueError(
-            f"Config file {path} (or one of its _BASE_ files) holds a YAML tag that builds Python "
-            f"objects, which could run code while loading; refused. Configs hold only plain "
-            f"values (numbers, strings, lists, mappings), or arithmetic on numbers through "
-            f"!!python/object/apply:eval as detectron2's model zoo writes anchor sizes. "
-            f"YAML error: {e}"
-        ) from e
-    if not scanned:
-        # A file of the chain could not be scanned: detectron2 loads it without the unsafe
-        # fallback (and reports a missing file its own way); any tag then fails to load.
-        try:
-            cfg.merge_from_file(path, allow_unsafe=False)
-        except yaml.constructor.ConstructorError as e:
-            raise ValueError(f"Config file {path} (or one of its _BASE_ files) holds a YAML tag "
-                             f"that builds Python objects; refused. YAML error: {e}") from e
-        return cfg
-    # Scanned: no tag but the arithmetic eval. fvcore's warning that it loads the file with
-    # yaml.unsafe_load would only alarm here, so it is filtered out for this call.
-    fvcore_logger = logging.getLogger("fvcore.common.config")
-    fvcore_logger.addFilter(_drop_unsafe_load_warning)
-    try:
-        cfg.merge_from_file(path, allow_unsafe=True)
-    finally:
-        fvcore_logger.removeFilter(_drop_unsafe_load_warning)
-    return cfg
-
-
-def _drop_unsafe_load_warning(record: logging.LogRecord) -> bool:
-    return "yaml.unsafe_load" not in record.getMessage()
 
 
 def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:

@@ -10,8 +10,7 @@ from detectron2.structures import BoxMode
 
 from retinanet_plugin import add_retinanet_plugin_config
 from retinanet_plugin.data.augmentations import Rot90Transform, extra_train_augmentations
-from retinanet_plugin.data.crowd_mapper import CrowdDatasetMapper
-from retinanet_plugin.data.mapper import RobustDatasetMapper
+from retinanet_plugin.data.mapper import build_dataset_mapper
 
 H, W = 30, 50
 
@@ -62,13 +61,13 @@ def test_defaults_keep_detectrons_augmentations():
     cfg = _cfg()
     cfg.INPUT.RANDOM_FLIP = "horizontal"
     assert extra_train_augmentations(cfg) == []
-    ours = RobustDatasetMapper(cfg, is_train=True).augmentations.augs
+    ours = build_dataset_mapper(cfg, is_train=True).augmentations.augs
     theirs = DatasetMapper(cfg, is_train=True).augmentations.augs
     assert [type(a) for a in ours] == [type(a) for a in theirs]
 
 
-@pytest.mark.parametrize("mapper_cls", [RobustDatasetMapper, CrowdDatasetMapper])
-def test_mappers_rotate_and_flip_boxes_with_the_image(tmp_path, mapper_cls):
+@pytest.mark.parametrize("crowd", [False, True])
+def test_mapper_rotates_and_flips_boxes_with_the_image(tmp_path, crowd):
     import cv2
 
     box = [4, 7, 19, 12]
@@ -77,7 +76,9 @@ def test_mappers_rotate_and_flip_boxes_with_the_image(tmp_path, mapper_cls):
     record = {"file_name": path, "image_id": 1, "height": H, "width": W,
               "annotations": [{"bbox": box, "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0,
                                "iscrowd": 0}]}
-    mapper = mapper_cls(_cfg(VERTICAL_FLIP=True, ROTATE_90=True), is_train=True)
+    cfg = _cfg(VERTICAL_FLIP=True, ROTATE_90=True)
+    cfg.MODEL.RETINANET.CROWD_IGNORE = crowd
+    mapper = build_dataset_mapper(cfg, is_train=True)
     kinds = set()
     np.random.seed(0)
     for _ in range(40):

@@ -214,8 +214,8 @@ def test_model_zoo_config_with_arithmetic_eval_loads_as_detectron2_loads_it():
     "[[x] for x in [1, 2] if print('{canary}')]",
     "'touch {canary}'",
     "[0] * 10 ** 12",  # a list repeated: memory, not arithmetic
-    "[[2 ** 100000]]",  # an exponent far beyond any config value
-    "[[9 ** 9 ** 2]]",  # a power of a power
+    "[[2 ** 100000]]",  # an integer far beyond any config value
+    "[[9 ** 9 ** 2]]",  # 9 ** 81: 257 bits (the bound is 128; tests/test_config_reader.py)
 ])
 def test_eval_tag_other_than_arithmetic_is_refused(tmp_path, canary, expression):
     crafted = tmp_path / "base.yaml"

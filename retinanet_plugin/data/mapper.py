@@ -1,25 +1,32 @@
-"""A detectron2 ``DatasetMapper`` for unusual image files, optionally skipping unreadable ones.
+"""The dataset mapper of every loader the plugin builds (:func:`build_dataset_mapper`).
 
-detectron2's ``read_image`` handles grayscale, RGBA, palette and EXIF-rotated files (it applies
-the EXIF orientation), but converts a 16-bit grayscale PNG by *clipping* each value to 255, so a
-typical 16-bit image (values in the thousands) turns almost white. :func:`read_image` keeps the
-high byte instead (value >> 8), which is what Pillow itself does for 16-bit RGB PNGs, so 16-bit
-grayscale and 16-bit colour files map the same intensity to the same 8-bit value. Everything else
-is detectron2's code path, except that a file that fails to decode raises: detectron2's
-``read_image`` returns a corrupt PNG as an array of zeros without an error (its EXIF lookup
-decodes the PNG and swallows the decoding error).
+:class:`RobustDatasetMapper` is detectron2's ``DatasetMapper`` with these options, all set from
+the config:
 
-Integer boxes (common in hand-made COCO files) are made float before the resize: detectron2's
-``ResizeTransform.apply_coords`` scales coordinates in place, which truncates an integer array,
-so ``[20, 10, 30, 20]`` resized by 1.3375 would start at x = 26 instead of 26.75.
-
-:class:`RobustDatasetMapper` is detectron2's ``DatasetMapper`` reading images that way, and,
-with ``skip_unreadable`` (``DATALOADER.SKIP_UNREADABLE_IMAGES``), replacing an image that fails
-to decode by another one drawn at random from :attr:`RobustDatasetMapper.fallback_dataset`
-(:func:`build_robust_train_loader` sets it to the training set; without one the mapper returns
-None and detectron2's ``MapDataset`` draws another, which detectron2 0.6 cannot do on Python
->= 3.11: ``random.sample`` of a set). Each skip is logged with the file name and image id and
-counted in :attr:`RobustDatasetMapper.skipped`, a counter shared with data-loader workers.
+- robust image reading (always): detectron2's ``read_image`` handles grayscale, RGBA, palette and
+  EXIF-rotated files, but converts a 16-bit grayscale PNG by *clipping* each value to 255, so a
+  typical 16-bit image (values in the thousands) turns almost white. :func:`read_image` keeps the
+  high byte instead (value >> 8), which is what Pillow itself does for 16-bit RGB PNGs, so 16-bit
+  grayscale and 16-bit colour files map the same intensity to the same 8-bit value. Everything
+  else is detectron2's code path, except that a file that fails to decode raises: detectron2's
+  ``read_image`` returns a corrupt PNG as an array of zeros without an error (its EXIF lookup
+  decodes the PNG and swallows the decoding error).
+- integer boxes (always; common in hand-made COCO files) are made float before the resize:
+  detectron2's ``ResizeTransform.apply_coords`` scales coordinates in place, which truncates an
+  integer array, so ``[20, 10, 30, 20]`` resized by 1.3375 would start at x = 26 instead of 26.75.
+- skipping unreadable images (``DATALOADER.SKIP_UNREADABLE_IMAGES``, training only): an image
+  that fails to decode is replaced by another one drawn at random from
+  :attr:`RobustDatasetMapper.fallback_dataset` (the training loader sets it to the training set;
+  without one the mapper returns None and detectron2's ``MapDataset`` draws another, which
+  detectron2 0.6 cannot do on Python >= 3.11: ``random.sample`` of a set). Each skip is logged
+  with the file name and image id and counted in :attr:`RobustDatasetMapper.skipped`, a counter
+  shared with data-loader workers.
+- crowd regions (``MODEL.RETINANET.CROWD_IGNORE``, training only): detectron2's mapper drops
+  COCO ``iscrowd=1`` annotations; with ``keep_crowd`` they are appended to ``instances`` with
+  ``gt_is_crowd = True`` (False for every other instance), so that ``FocalRetinaNet`` can ignore
+  the background anchors inside them; the model never matches a crowd instance to an anchor.
+- the extra training augmentations ``INPUT.VERTICAL_FLIP``, ``ROTATE_90`` and ``COLOR_JITTER``
+  (:mod:`retinanet_plugin.data.augmentations`), after detectron2's resize and flip.
 """
 
 import copy
@@ -27,7 +34,7 @@ import logging
 import multiprocessing as mp
 import os
 import random
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,14 +44,16 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.file_io import PathManager
 
 from .augmentations import extra_train_augmentations
 
 __all__ = [
     "UNREADABLE_IMAGE_ERRORS",
+    "CrowdDatasetMapper",
     "RobustDatasetMapper",
-    "build_robust_train_loader",
+    "build_dataset_mapper",
     "read_image",
 ]
 
@@ -84,7 +93,9 @@ def read_image(file_name: str, format: Optional[str] = None) -> np.ndarray:
 
 
 class RobustDatasetMapper(DatasetMapper):
-    """detectron2's ``DatasetMapper`` with :func:`read_image` and optional skipping.
+    """detectron2's ``DatasetMapper`` with :func:`read_image`, float boxes, optional skipping of
+    unreadable images, optional crowd regions and the extra augmentations (see the module
+    docstring). Build it with :func:`build_dataset_mapper`.
 
     Attributes:
         skipped: ``multiprocessing.Value`` counting the images skipped so far, in this process
@@ -94,15 +105,30 @@ class RobustDatasetMapper(DatasetMapper):
     """
 
     @configurable
-    def __init__(self, is_train: bool, *, skip_unreadable: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        is_train: bool,
+        *,
+        skip_unreadable: bool = False,
+        keep_crowd: bool = False,
+        **kwargs: Any,
+    ):
         """
         Args:
             is_train, kwargs: as for detectron2's ``DatasetMapper``.
             skip_unreadable: return None (skip the image) instead of raising when the image
                 file cannot be decoded.
+            keep_crowd: keep crowd annotations (``iscrowd=1``) as instances marked
+                ``gt_is_crowd``, boxes only (instance masks and keypoints must be off).
         """
         super().__init__(is_train, **kwargs)
+        if keep_crowd and (self.use_instance_mask or self.use_keypoint):
+            raise ValueError(
+                "Crowd regions (MODEL.RETINANET.CROWD_IGNORE) are kept as boxes only: they need "
+                "MODEL.MASK_ON and MODEL.KEYPOINT_ON off"
+            )
         self.skip_unreadable = skip_unreadable
+        self.keep_crowd = keep_crowd
         self.skipped = mp.Value("q", 0)
         self.fallback_dataset: Optional[Sequence[Dict[str, Any]]] = None
         self._rng: Optional[random.Random] = None
@@ -114,6 +140,8 @@ class RobustDatasetMapper(DatasetMapper):
             ret["augmentations"] = ret["augmentations"] + extra_train_augmentations(cfg)
         # Skipping only in training: an evaluation that drops images would report a wrong AP.
         ret["skip_unreadable"] = is_train and cfg.DATALOADER.SKIP_UNREADABLE_IMAGES
+        # Evaluation drops every annotation, crowd or not.
+        ret["keep_crowd"] = is_train and cfg.MODEL.RETINANET.CROWD_IGNORE
         return ret
 
     def _read(self, dataset_dict: Dict[str, Any]) -> Optional[np.ndarray]:
@@ -181,15 +209,48 @@ class RobustDatasetMapper(DatasetMapper):
             self._transform_annotations(dataset_dict, transforms, image_shape)
         return dataset_dict
 
+    def _transform_annotations(self, dataset_dict: Dict[str, Any], transforms, image_shape):
+        if not self.keep_crowd:
+            return super()._transform_annotations(dataset_dict, transforms, image_shape)
+        crowd = [a for a in dataset_dict["annotations"] if a.get("iscrowd", 0) == 1]
+        super()._transform_annotations(dataset_dict, transforms, image_shape)  # drops crowd
+        instances = dataset_dict["instances"]
+        instances.gt_is_crowd = torch.zeros(len(instances), dtype=torch.bool)
+        crowd_instances = _crowd_instances(crowd, transforms, image_shape)
+        if len(crowd_instances):
+            dataset_dict["instances"] = Instances.cat([instances, crowd_instances])
 
-def build_robust_train_loader(cfg) -> Tuple[Any, RobustDatasetMapper]:
-    """detectron2's training loader with :class:`RobustDatasetMapper`, whose replacements for
-    skipped images come from the training set itself, and a sampler that can resume.
 
-    Returns:
-        (loader, mapper): the mapper for its :attr:`~RobustDatasetMapper.skipped` counter.
+def _crowd_instances(annotations: List[Dict[str, Any]], transforms, image_shape) -> Instances:
+    """Crowd boxes through the same transforms and clipping as the other boxes; those left
+    empty are dropped."""
+    boxes = [
+        utils.transform_instance_annotations(
+            {"bbox": a["bbox"], "bbox_mode": a["bbox_mode"]}, transforms, image_shape
+        )["bbox"]
+        for a in annotations
+    ]
+    instances = Instances(image_shape)
+    instances.gt_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    instances.gt_classes = torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64)
+    instances.gt_is_crowd = torch.ones(len(annotations), dtype=torch.bool)
+    return instances[instances.gt_boxes.nonempty()]
+
+
+def build_dataset_mapper(cfg, is_train: bool, **overrides: Any) -> RobustDatasetMapper:
+    """The mapper of every loader the plugin builds, for training and for evaluation
+    (``train_net.py``, the tools): :class:`RobustDatasetMapper` with its options from ``cfg``.
+
+    Args:
+        cfg (CfgNode): the run's config.
+        is_train (bool): training (augmentations, annotations kept) or evaluation.
+        overrides: constructor arguments that replace what ``cfg`` gives (e.g.
+            ``augmentations``).
     """
-    from ..engine.resume import build_resumable_train_loader  # engine imports data
+    return RobustDatasetMapper(cfg, is_train=is_train, **overrides)
 
-    mapper = RobustDatasetMapper(cfg, is_train=True)
-    return build_resumable_train_loader(cfg, mapper=mapper), mapper
+
+def CrowdDatasetMapper(*args: Any, **kwargs: Any) -> RobustDatasetMapper:
+    """``RobustDatasetMapper(..., keep_crowd=True)``, under the name of the separate mapper it
+    replaced (still used by tests/test_test_time.py)."""
+    return RobustDatasetMapper(*args, keep_crowd=True, **kwargs)

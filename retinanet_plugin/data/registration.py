@@ -14,14 +14,13 @@ the ``config.yaml`` that detectron2 saves in ``OUTPUT_DIR`` runs from anywhere.
 
 import logging
 import os
-from typing import Any, List, Optional, Sequence, Tuple
-
-import yaml
+from typing import List, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
+from ..config_file import read_config_file
 from .coco_check import CHECK_MODES, check_coco_json
 
 __all__ = [
@@ -34,41 +33,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 KEY = "DATASETS.COCO_INSTANCES"
-
-
-def _lookup(data: Any, keys: Sequence[str]) -> bool:
-    for key in keys:
-        if not isinstance(data, dict) or key not in data:
-            return False
-        data = data[key]
-    return True
-
-
-def _base_path(config_file: str, base: str) -> str:
-    # detectron2's rule for _BASE_ (CfgNode.load_yaml_with_base).
-    if base.startswith("~"):
-        base = os.path.expanduser(base)
-    if not base.startswith(("/", "https://", "http://")):
-        base = os.path.join(os.path.dirname(config_file), base)
-    return base
-
-
-def defining_file(config_file: str, keys: Sequence[str] = ("DATASETS", "COCO_INSTANCES")) -> str:
-    """The YAML file that sets ``keys``: ``config_file`` or the nearest ``_BASE_`` that does.
-
-    Returns ``config_file`` itself when no file in the chain sets the key.
-    """
-    path = config_file
-    for _ in range(32):  # a _BASE_ cycle would fail in detectron2 first; this only bounds it
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if _lookup(data, keys):
-            return path
-        base = data.get("_BASE_") if isinstance(data, dict) else None
-        if not isinstance(base, str):
-            return config_file
-        path = _base_path(path, base)
-    return config_file
 
 
 def _entries(cfg: CfgNode) -> List[Tuple[str, str, str]]:
@@ -108,7 +72,9 @@ def resolve_dataset_paths(
     if config_file is None or from_command_line:
         folder = os.getcwd()
     else:
-        folder = os.path.dirname(os.path.abspath(defining_file(config_file)))
+        # The file of the _BASE_ chain that sets the key, as the config reader tells it.
+        setting = read_config_file(config_file).file_setting(KEY.split("."))
+        folder = os.path.dirname(os.path.abspath(setting or config_file))
 
     def resolve(path: str) -> str:
         path = os.path.expanduser(os.path.expandvars(path))

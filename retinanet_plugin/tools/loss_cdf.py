@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
@@ -48,6 +48,7 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import RetinaNetCheckpointer
 from ..config import load_config
 from ..data.deepforest import DATASET_NAMES, register_deepforest
+from ..data.mapper import RobustDatasetMapper, build_dataset_mapper
 from ..data.registration import register_config_datasets
 from ..losses import sigmoid_focal_loss_from_labels
 from ..meta_arch import FocalRetinaNet
@@ -237,10 +238,11 @@ def write_outputs(losses: Dict[str, Dict[float, np.ndarray]], output_dir: str,
     return summary
 
 
-def _mapper(cfg) -> DatasetMapper:
-    """Training-style inputs (ground truth kept) at the test resolution, no random flip."""
+def _mapper(cfg) -> RobustDatasetMapper:
+    """The trainer's mapper (ground truth kept, crowd regions with CROWD_IGNORE) at the test
+    resolution, with no random augmentation and no image skipped."""
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    return DatasetMapper(cfg, is_train=True, augmentations=[resize])
+    return build_dataset_mapper(cfg, is_train=True, augmentations=[resize], skip_unreadable=False)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
