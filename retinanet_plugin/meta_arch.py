@@ -2,8 +2,9 @@
 
 It computes what detectron2's ``RetinaNet`` computes (same weights give the same losses and
 detections) but takes its classification loss from ``CLS_LOSS_REGISTRY``, its head from
-``RETINANET_HEAD_REGISTRY``, and post-processes in logit space without a Python loop over images
-and levels of full-size tensors.
+``RETINANET_HEAD_REGISTRY``, and its post-processing from ``postprocess.py`` (one description of
+the test-time keys, shared with TTA and export; candidates found in logit space without a Python
+loop over images and levels of full-size tensors).
 
 Shape shorthand:
     N: images in the minibatch
@@ -15,14 +16,13 @@ Shape shorthand:
     C: (image, anchor, class) candidates that pass the score threshold
 """
 
-import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from detectron2.config import configurable
-from detectron2.layers import batched_nms, cat
+from detectron2.layers import cat
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.backbone import Backbone, build_backbone
 from detectron2.modeling.box_regression import Box2BoxTransform
@@ -36,82 +36,16 @@ from .box_regression import check_box_reg_loss_type, dense_box_reg_loss
 from .head import build_retinanet_head, head_input_shapes
 from .loss_normalizer import LossNormalizer, build_loss_normalizer
 from .losses import build_cls_loss
-from .nms import SOFT_NMS_METHODS, box_voting, soft_nms
+from .matching import build_anchor_matcher, check_gt_classes
+from .postprocess import (
+    NMS_TYPES,
+    PostProcessing,
+    check_score_thresh_per_class,
+    find_candidates,
+    select_detections,
+)
 
 __all__ = ["FocalRetinaNet", "build_anchor_matcher", "check_gt_classes"]
-
-
-def build_anchor_matcher(
-    thresholds: Sequence[float],
-    labels: Sequence[int],
-    allow_low_quality_matches: bool,
-    key: str = "MODEL.RETINANET",
-) -> Matcher:
-    """A :class:`Matcher`, with ValueErrors naming ``{key}.IOU_THRESHOLDS`` / ``IOU_LABELS``.
-
-    detectron2's Matcher checks the same things with bare asserts (and not at all under
-    ``python -O``).
-
-    Args:
-        thresholds (Sequence[float]): increasing IoU thresholds in (0, 1] (the paper: 0.4, 0.5).
-        labels (Sequence[int]): one more label than thresholds, each -1 (ignore), 0 (background)
-            or 1 (foreground).
-        allow_low_quality_matches (bool): see :class:`Matcher`.
-        key (str): config node of the two keys, for messages.
-    """
-    thresholds, labels = list(thresholds), list(labels)
-    if not thresholds or not all(0 < t <= 1 for t in thresholds):
-        raise ValueError(f"{key}.IOU_THRESHOLDS must be IoUs in (0, 1], got {thresholds}")
-    if any(lo > hi for lo, hi in zip(thresholds[:-1], thresholds[1:])):
-        raise ValueError(
-            f"{key}.IOU_THRESHOLDS must be in increasing order (background < ignore < "
-            f"foreground), got {thresholds}"
-        )
-    if len(labels) != len(thresholds) + 1 or not all(v in (-1, 0, 1) for v in labels):
-        raise ValueError(
-            f"{key}.IOU_LABELS must hold len(IOU_THRESHOLDS) + 1 = {len(thresholds) + 1} values "
-            f"from {{-1, 0, 1}}, got {labels}"
-        )
-    return Matcher(thresholds, labels, allow_low_quality_matches=allow_low_quality_matches)
-
-
-# Above 1 / _DENSE_FRACTION of the locations holding a candidate, gathering them costs more than
-# thresholding the whole level.
-_DENSE_FRACTION = 8
-
-
-def _logit(p: float) -> float:
-    """log(p / (1 - p)), extended to -inf / +inf outside (0, 1)."""
-    if p <= 0:
-        return -math.inf
-    if p >= 1:
-        return math.inf
-    return math.log(p) - math.log1p(-p)
-
-
-def check_gt_classes(
-    gt_classes: Sequence[Tensor], num_classes: int, names: Sequence[str]
-) -> None:
-    """Raise ValueError if a ground-truth class id is outside [0, K).
-
-    detectron2's RetinaNet refuses such ids (through ``one_hot``); left alone, the classification
-    loss would take id K as background while the box loss and the normaliser count it as
-    foreground, and id -1 would mark the anchors "ignore". Reading the ids is a host sync when
-    they live on an accelerator: call this on host tensors, or only once a sync showed an error.
-
-    Args:
-        gt_classes (Sequence[Tensor]): per image, its (G,) class ids.
-        num_classes (int): K, ``MODEL.RETINANET.NUM_CLASSES``.
-        names (Sequence[str]): per image, how the message names it (file, image id).
-    """
-    for classes, name in zip(gt_classes, names):
-        bad = classes[(classes < 0) | (classes >= num_classes)]
-        if bad.numel():
-            raise ValueError(
-                f"{name} has ground-truth class ids {sorted(set(bad.tolist()))} outside "
-                f"[0, MODEL.RETINANET.NUM_CLASSES = {num_classes}): set NUM_CLASSES to the "
-                "dataset's number of classes, or map the dataset's category ids to 0..K-1"
-            )
 
 
 def _describe_input(index: int, inputs: Dict[str, Any]) -> str:
@@ -119,33 +53,29 @@ def _describe_input(index: int, inputs: Dict[str, Any]) -> str:
     return f"image {index} of the batch" + (f" ({', '.join(fields)})" if fields else "")
 
 
-# Values of MODEL.RETINANET.NMS_TYPE: the paper's NMS, or soft-NMS with one of its decays.
-NMS_TYPES = ("hard",) + tuple(f"soft_{method}" for method in SOFT_NMS_METHODS)
-
-
-def _test_time_options(rcfg) -> Dict[str, Any]:
-    """Constructor arguments of the NMS, threshold and crowd keys, checked, naming the key."""
-    per_class = list(rcfg.SCORE_THRESH_TEST_PER_CLASS)
-    if per_class and len(per_class) != rcfg.NUM_CLASSES:
+def _crowd_option(rcfg) -> Optional[float]:
+    """``crowd_ioa_thresh`` from CROWD_IGNORE / CROWD_IOA_THRESH, checked, naming the key."""
+    if not 0 <= rcfg.CROWD_IOA_THRESH <= 1:
         raise ValueError(
-            f"MODEL.RETINANET.SCORE_THRESH_TEST_PER_CLASS needs NUM_CLASSES = {rcfg.NUM_CLASSES} "
-            f"values (or none), got {len(per_class)}: {per_class}"
+            f"MODEL.RETINANET.CROWD_IOA_THRESH must be in [0, 1], got {rcfg.CROWD_IOA_THRESH}"
         )
-    if rcfg.NMS_TYPE not in NMS_TYPES:
-        raise ValueError(f"MODEL.RETINANET.NMS_TYPE = {rcfg.NMS_TYPE!r} is not one of {NMS_TYPES}")
-    if not rcfg.SOFT_NMS_SIGMA > 0:
-        raise ValueError(f"MODEL.RETINANET.SOFT_NMS_SIGMA must be > 0, got {rcfg.SOFT_NMS_SIGMA}")
-    for key in ("BOX_VOTING_IOU_THRESH", "CROWD_IOA_THRESH"):
-        if not 0 <= rcfg[key] <= 1:
-            raise ValueError(f"MODEL.RETINANET.{key} must be in [0, 1], got {rcfg[key]}")
+    return rcfg.CROWD_IOA_THRESH if rcfg.CROWD_IGNORE else None
+
+
+def _postprocessing_arguments(pp: PostProcessing) -> Dict[str, Any]:
+    """The constructor arguments of a :class:`PostProcessing` (the reverse of
+    :attr:`FocalRetinaNet.postprocessing`)."""
     return {
-        "test_score_thresh_per_class": per_class or None,
-        "nms_type": rcfg.NMS_TYPE,
-        "soft_nms_sigma": rcfg.SOFT_NMS_SIGMA,
-        "soft_nms_score_thresh": rcfg.SOFT_NMS_SCORE_THRESH,
-        "nms_class_agnostic": rcfg.NMS_CLASS_AGNOSTIC,
-        "box_voting_iou_thresh": rcfg.BOX_VOTING_IOU_THRESH if rcfg.BOX_VOTING else None,
-        "crowd_ioa_thresh": rcfg.CROWD_IOA_THRESH if rcfg.CROWD_IGNORE else None,
+        "test_score_thresh": pp.score_thresh,
+        "test_score_thresh_per_class": list(pp.score_thresh_per_class) or None,
+        "test_topk_candidates": pp.topk_candidates,
+        "test_nms_thresh": pp.nms_thresh,
+        "max_detections_per_image": pp.max_detections,
+        "nms_type": pp.nms_type,
+        "soft_nms_sigma": pp.soft_nms_sigma,
+        "soft_nms_score_thresh": pp.soft_nms_score_thresh,
+        "nms_class_agnostic": pp.class_agnostic,
+        "box_voting_iou_thresh": pp.box_voting_iou_thresh if pp.box_voting else None,
     }
 
 
@@ -253,11 +183,7 @@ class FocalRetinaNet(DenseDetector):
         if nms_type not in NMS_TYPES:
             raise ValueError(f"nms_type must be one of {NMS_TYPES}, got {nms_type!r}")
         per_class = list(test_score_thresh_per_class or [])
-        if per_class and len(per_class) != num_classes:
-            raise ValueError(
-                f"test_score_thresh_per_class needs one threshold per class ({num_classes}), got "
-                f"{len(per_class)}"
-            )
+        check_score_thresh_per_class(per_class, num_classes)
         self.test_score_thresh_per_class = per_class or None
         self.nms_type = nms_type
         self.soft_nms_sigma = soft_nms_sigma
@@ -271,15 +197,11 @@ class FocalRetinaNet(DenseDetector):
         rcfg = cfg.MODEL.RETINANET
         # Everything that can be checked without building the backbone is checked first.
         loss_normalizer = build_loss_normalizer(cfg)
-        if not 0 <= rcfg.NMS_THRESH_TEST <= 1:
-            raise ValueError(
-                f"MODEL.RETINANET.NMS_THRESH_TEST must be an IoU in [0, 1], got "
-                f"{rcfg.NMS_THRESH_TEST}"
-            )
+        postprocessing = PostProcessing.from_config(cfg)
         anchor_matcher = build_anchor_matcher(
             rcfg.IOU_THRESHOLDS, rcfg.IOU_LABELS, rcfg.ALLOW_LOW_QUALITY_MATCHES
         )
-        test_options = _test_time_options(rcfg)
+        crowd_ioa_thresh = _crowd_option(rcfg)
         box_reg_loss_type = check_box_reg_loss_type(
             rcfg.BBOX_REG_LOSS_TYPE, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE"
         )
@@ -303,13 +225,30 @@ class FocalRetinaNet(DenseDetector):
             "loss_normalizer": loss_normalizer,
             "box_reg_loss_type": box_reg_loss_type,
             "smooth_l1_beta": rcfg.SMOOTH_L1_LOSS_BETA,
-            "test_score_thresh": rcfg.SCORE_THRESH_TEST,
-            "test_topk_candidates": rcfg.TOPK_CANDIDATES_TEST,
-            "test_nms_thresh": rcfg.NMS_THRESH_TEST,
-            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "input_format": cfg.INPUT.FORMAT,
-            **test_options,
+            "crowd_ioa_thresh": crowd_ioa_thresh,
+            **_postprocessing_arguments(postprocessing),
         }
+
+    @property
+    def postprocessing(self) -> PostProcessing:
+        """The test-time keys as the model holds them now (attributes set after construction
+        included), for :func:`select_detections`, TTA and export."""
+        return PostProcessing(
+            score_thresh=self.test_score_thresh,
+            score_thresh_per_class=tuple(self.test_score_thresh_per_class or ()),
+            topk_candidates=self.test_topk_candidates,
+            nms_thresh=self.test_nms_thresh,
+            nms_type=self.nms_type,
+            soft_nms_sigma=self.soft_nms_sigma,
+            soft_nms_score_thresh=self.soft_nms_score_thresh,
+            class_agnostic=self.nms_class_agnostic,
+            box_voting=self.box_voting_iou_thresh is not None,
+            box_voting_iou_thresh=(
+                0.8 if self.box_voting_iou_thresh is None else self.box_voting_iou_thresh
+            ),
+            max_detections=self.max_detections_per_image,
+        )
 
     # ---------------------------------------------------------------------------------------
     # Training
@@ -481,15 +420,12 @@ class FocalRetinaNet(DenseDetector):
         pred_deltas: List[Tensor],
         image_sizes: List[Tuple[int, int]],
     ) -> List[Instances]:
-        """Detections of each image: threshold, per-level top-k, decode, per-class NMS.
+        """Detections of each image: threshold, per-level top-k, decode (:meth:`candidates`),
+        then NMS and the detection limit (:meth:`select_detections`).
 
         The result equals detectron2's ``RetinaNet`` inference (up to the order of equal scores)
-        but is computed differently: scores are thresholded in logit space, x > logit(t) being
-        sigmoid(x) > t, directly in the head's (N, A*K, Hi, Wi) layout, so neither the sigmoid
-        nor the (N, Hi*Wi*A, K) transpose of the full logits is ever computed; a level with
-        few candidates (a trained head) is searched for all images at once, one with many (an
-        untrained head) image by image to bound the peak memory; only the C candidates are
-        gathered, decoded and passed through the sigmoid. The head's outputs are not modified.
+        but is computed differently, without the sigmoid or transpose of the full logits (see
+        :func:`find_candidates`).
 
         Args:
             anchors (list[Boxes]): L levels of (Hi*Wi*A, 4) anchors.
@@ -501,9 +437,12 @@ class FocalRetinaNet(DenseDetector):
             list[Instances]: N results with ``pred_boxes`` (float32), ``scores`` (float32) and
             ``pred_classes``, at most ``max_detections_per_image`` each, by decreasing score.
         """
-        per_image = self.candidates(anchors, pred_logits, pred_deltas, len(image_sizes))
+        pp = self.postprocessing
+        per_image = find_candidates(
+            pp, anchors, pred_logits, pred_deltas, self.box2box_transform, len(image_sizes)
+        )
         return [
-            self.select_detections(boxes, scores, classes, image_size)
+            self._detections(pp, boxes, scores, classes, image_size)
             for (boxes, scores, classes), image_size in zip(per_image, image_sizes)
         ]
 
@@ -514,9 +453,9 @@ class FocalRetinaNet(DenseDetector):
         pred_deltas: List[Tensor],
         num_images: int,
     ) -> List[Tuple[Tensor, Tensor, Tensor]]:
-        """Each image's decoded candidates before NMS: above the score threshold(s), at most
-        ``test_topk_candidates`` per level. :class:`FocalRetinaNetWithTTA` pools them over the
-        augmentations of an image before one :meth:`select_detections`.
+        """Each image's decoded candidates before NMS (:func:`find_candidates`).
+        :class:`FocalRetinaNetWithTTA` pools them over the augmentations of an image before one
+        :meth:`select_detections`.
 
         Args:
             anchors, pred_logits, pred_deltas: as in :meth:`inference`.
@@ -526,34 +465,16 @@ class FocalRetinaNet(DenseDetector):
             list[tuple[Tensor, Tensor, Tensor]]: N (boxes (C_i, 4) float32 XYXY, unclipped, in
             the input image's coordinates; scores (C_i,) float32; classes (C_i,) int64).
         """
-        thresh = _logit(self.test_score_thresh)
-        class_thresh = None
-        if self.test_score_thresh_per_class is not None:
-            class_thresh = torch.tensor(
-                [_logit(t) for t in self.test_score_thresh_per_class], device=self.device
-            )
-            thresh = class_thresh.min().item()
-        levels = [
-            self._level_candidates(a, x, d, thresh, class_thresh)
-            for a, x, d in zip(anchors, pred_logits, pred_deltas)
-        ]
-        image_idx, logits, classes, deltas, anchor_boxes = (cat(list(t)) for t in zip(*levels))
-        # Decoding and sigmoid run once over the C candidates of every image and level.
-        boxes = self.box2box_transform.apply_deltas(deltas, anchor_boxes)  # float32
-        scores = logits.float().sigmoid()
-
-        if num_images == 1:
-            return [(boxes, scores, classes)]
-        order = torch.argsort(image_idx, stable=True)
-        counts = torch.bincount(image_idx, minlength=num_images).tolist()
-        per_image = (t[order].split(counts) for t in (boxes, scores, classes))
-        return list(zip(*per_image))
+        return find_candidates(
+            self.postprocessing, anchors, pred_logits, pred_deltas, self.box2box_transform,
+            num_images,
+        )  # fmt: skip
 
     def select_detections(
         self, boxes: Tensor, scores: Tensor, classes: Tensor, image_size: Tuple[int, int]
     ) -> Instances:
         """NMS (per class, or class-agnostic; hard or soft), the top ``max_detections_per_image``,
-        and optionally box voting, over one image's candidates.
+        and optionally box voting, over one image's candidates (:func:`select_detections`).
 
         Args:
             boxes (Tensor): (C, 4) XYXY.
@@ -565,137 +486,17 @@ class FocalRetinaNet(DenseDetector):
             Instances: ``pred_boxes``, ``scores`` (soft-NMS: the decayed scores) and
             ``pred_classes``, by decreasing score.
         """
-        idxs = torch.zeros_like(classes) if self.nms_class_agnostic else classes
-        if self.nms_type == "hard":
-            keep = batched_nms(boxes, scores, idxs, self.test_nms_thresh)
-            keep = keep[: self.max_detections_per_image]
-            kept_scores = scores[keep]
-        else:
-            keep, kept_scores = soft_nms(
-                boxes,
-                scores,
-                idxs,
-                method=self.nms_type[len("soft_") :],
-                iou_threshold=self.test_nms_thresh,
-                sigma=self.soft_nms_sigma,
-                score_threshold=self.soft_nms_score_thresh,
-                max_detections=self.max_detections_per_image,
-            )
-        kept_boxes = boxes[keep]
-        if self.box_voting_iou_thresh is not None:
-            kept_boxes = box_voting(
-                kept_boxes, idxs[keep], boxes, scores, idxs, self.box_voting_iou_thresh
-            )
+        return self._detections(self.postprocessing, boxes, scores, classes, image_size)
+
+    @staticmethod
+    def _detections(
+        pp: PostProcessing,
+        boxes: Tensor,
+        scores: Tensor,
+        classes: Tensor,
+        image_size: Tuple[int, int],
+    ) -> Instances:
+        kept_boxes, kept_scores, kept_classes = select_detections(pp, boxes, scores, classes)
         return Instances(
-            image_size,
-            pred_boxes=Boxes(kept_boxes),
-            scores=kept_scores,
-            pred_classes=classes[keep],
+            image_size, pred_boxes=Boxes(kept_boxes), scores=kept_scores, pred_classes=kept_classes
         )
-
-    def _level_candidates(
-        self,
-        anchors: Boxes,
-        logits: Tensor,
-        deltas: Tensor,
-        thresh: float,
-        class_thresh: Optional[Tensor] = None,
-    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The top-k candidates above the threshold of one level, for all images.
-
-        Args:
-            anchors (Boxes): (Hi*Wi*A, 4), in (y, x, anchor) order.
-            logits (Tensor): (N, A*K, Hi, Wi).
-            deltas (Tensor): (N, A*4, Hi, Wi).
-            thresh (float): logit threshold; with ``class_thresh``, the smallest of them.
-            class_thresh (Tensor, optional): (K,) per-class logit thresholds.
-
-        Returns:
-            Tensors of the C kept candidates: image index (C,), logit (C,), class (C,),
-            deltas (C, 4), anchor box (C, 4).
-        """
-        num_images, _, height, width = logits.shape
-        num_classes = self.num_classes
-        num_anchors = logits.shape[1] // num_classes
-        # A trained detector scores few locations above the threshold. Finding them from the
-        # per-location maximum (N, Hi, Wi) reads the logits once and leaves a small mask to
-        # search, where ``(logits > thresh).nonzero()`` would write and scan a mask as large as
-        # the logits. "not <=" keeps locations whose maximum is NaN, so that their other scores
-        # are tested one by one, as detectron2 does.
-        located = ~(logits.amax(dim=1) <= thresh)
-        cells = located.nonzero()  # (M, 3)
-        # Channel a*K + k holds class k: per-class thresholds repeat over the A anchors.
-        channel_thresh = thresh if class_thresh is None else class_thresh.repeat(num_anchors)
-        if cells.shape[0] * _DENSE_FRACTION > located.numel():
-            # Most locations have a candidate (an untrained head).
-            if class_thresh is not None:
-                channel_thresh = channel_thresh[:, None, None]
-            image_idx, channel, y, x, values = self._dense_candidates(logits, channel_thresh)
-        else:
-            cell_image, cell_y, cell_x = cells.unbind(1)
-            # Advanced indices around a slice put the indexed dim first: (M, A*K).
-            cell_scores = logits[cell_image, :, cell_y, cell_x]
-            cell, channel = (cell_scores > channel_thresh).nonzero().unbind(1)
-            image_idx, y, x = cell_image[cell], cell_y[cell], cell_x[cell]
-            values = logits[image_idx, channel, y, x]
-            if values.numel() > self.test_topk_candidates:
-                keep = self._topk_per_image(image_idx, values, num_images)
-                image_idx, channel, y, x, values = (
-                    t[keep] for t in (image_idx, channel, y, x, values)
-                )
-        anchor_in_cell = torch.div(channel, num_classes, rounding_mode="floor")
-        classes = channel - anchor_in_cell * num_classes
-        anchor_idx = (y * width + x) * num_anchors + anchor_in_cell
-        # Advanced indices around a slice: the indexed dim comes first, giving (C, 4).
-        cand_deltas = deltas.view(num_images, num_anchors, 4, height, width)[
-            image_idx, anchor_in_cell, :, y, x
-        ]
-        return image_idx, values, classes, cand_deltas, anchors.tensor[anchor_idx]
-
-    def _dense_candidates(
-        self, logits: Tensor, thresh: Union[float, Tensor]
-    ) -> Tuple[Tensor, ...]:
-        """The top-k candidates above the threshold of one level, image by image.
-
-        Each image's candidates are cut to its top-k before the next image is searched, so the
-        peak memory (its mask and the ``nonzero`` indices, 24 bytes per candidate) is that of one
-        image rather than growing with the batch.
-
-        Args:
-            logits (Tensor): (N, A*K, Hi, Wi).
-            thresh (float or Tensor): logit threshold, or (A*K, 1, 1) per channel.
-
-        Returns:
-            Tensors of the C kept candidates: image index, channel, y, x and logit, all (C,).
-        """
-        k = self.test_topk_candidates
-        per_image = []
-        for i, logits_i in enumerate(logits):
-            channel, y, x = (logits_i > thresh).nonzero().unbind(1)
-            values = logits_i[channel, y, x]
-            if values.numel() > k:
-                keep = values.topk(k, sorted=False).indices
-                channel, y, x, values = channel[keep], y[keep], x[keep], values[keep]
-            per_image.append((torch.full_like(channel, i), channel, y, x, values))
-        return tuple(cat(list(t)) for t in zip(*per_image))
-
-    def _topk_per_image(self, image_idx: Tensor, values: Tensor, num_images: int) -> Tensor:
-        """Indices of the ``test_topk_candidates`` largest ``values`` of each image.
-
-        Args:
-            image_idx (Tensor): (C,) sorted image index of each candidate (``nonzero`` order).
-            values (Tensor): (C,) logits.
-            num_images (int): N.
-        """
-        k = self.test_topk_candidates
-        if num_images == 1:
-            return values.topk(k, sorted=False).indices
-        counts = torch.bincount(image_idx, minlength=num_images).tolist()
-        keep, start = [], 0
-        for count in counts:
-            if count > k:
-                keep.append(values[start : start + count].topk(k, sorted=False).indices + start)
-            else:
-                keep.append(torch.arange(start, start + count, device=values.device))
-            start += count
-        return cat(keep)

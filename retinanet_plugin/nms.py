@@ -1,8 +1,9 @@
 """Post-processing of dense detections beyond detectron2's per-class NMS: soft-NMS and box voting.
 
-Both treat classes independently by the coordinate-offset trick of torchvision's
-``batched_nms``: each class's boxes are moved to a region of their own, so that boxes of two
-classes never overlap; an all-zero ``idxs`` makes them class-agnostic.
+Both treat classes independently by masking the IoU of boxes of different classes to 0 (an
+all-zero ``idxs`` makes them class-agnostic), and both are written with operators that
+``torch.jit.trace`` and the ONNX exporter record, so that the exported graph runs them as they
+are (see :func:`retinanet_plugin.postprocess.select_detections`).
 
 Shape shorthand:
     D: candidate detections of one image
@@ -19,23 +20,11 @@ __all__ = ["SOFT_NMS_METHODS", "box_voting", "soft_nms"]
 SOFT_NMS_METHODS = ("linear", "gaussian")
 
 
-def _offset_boxes(boxes: Tensor, idxs: Tensor) -> Tensor:
-    """Boxes moved by ``idxs * span`` on both axes, where span exceeds every box's extent.
-
-    torchvision offsets by ``max + 1``, which lets classes overlap when coordinates are negative
-    (unclipped boxes can be); ``max - min + 1`` does not.
-    """
-    if boxes.numel() == 0:
-        return boxes
-    span = boxes.max() - boxes.min() + 1
-    return boxes + (idxs.to(boxes) * span)[:, None]
-
-
 def _pairwise_iou(columns_a: Tensor, area_a: Tensor, columns_b: Tensor, area_b: Tensor) -> Tensor:
     """IoU of XYXY boxes given as contiguous coordinate columns, broadcast: columns (4, ...) and
     areas of the broadcast shapes; 0 where the union is empty."""
-    x1a, y1a, x2a, y2a = columns_a
-    x1b, y1b, x2b, y2b = columns_b
+    x1a, y1a, x2a, y2a = columns_a.unbind(0)
+    x1b, y1b, x2b, y2b = columns_b.unbind(0)
     width = (torch.minimum(x2a, x2b) - torch.maximum(x1a, x1b)).clamp_(min=0)
     height = (torch.minimum(y2a, y2b) - torch.maximum(y1a, y1b)).clamp_(min=0)
     inter = width.mul_(height)
@@ -61,14 +50,14 @@ def soft_nms(
     score_threshold: float,
     max_detections: int,
 ) -> Tuple[Tensor, Tensor]:
-    """Soft-NMS (Bodla et al., ICCV 2017), per class, with the classes batched by offsets.
+    """Soft-NMS (Bodla et al., ICCV 2017), per class, all classes in one loop.
 
     Repeatedly takes the highest-scoring remaining box and decays the scores of the boxes of its
     class by their IoU with it: linear, s * (1 - IoU) where IoU > ``iou_threshold`` (else s);
     Gaussian, s * exp(-IoU^2 / sigma). Boxes whose score falls to ``score_threshold`` or below
     are dropped. The scores of the picked boxes never increase, so stopping after
-    ``max_detections`` picks gives the top ``max_detections`` of a full run, and since boxes of
-    different classes never overlap, one loop gives every class's soft-NMS at once. The loop
+    ``max_detections`` picks gives the top ``max_detections`` of a full run, and since a box
+    decays only boxes of its own class, one loop gives every class's soft-NMS at once. The loop
     makes no host synchronisation; each step is O(D).
 
     Args:
@@ -87,17 +76,28 @@ def soft_nms(
     """
     if method not in SOFT_NMS_METHODS:
         raise ValueError(f"soft-NMS method must be one of {SOFT_NMS_METHODS}, got {method!r}")
-    num = min(int(max_detections), boxes.shape[0])
-    if num == 0:
+    # Traced, the loop is unrolled max_detections times whatever the number of boxes: a dummy box
+    # of score -1, never kept, is there to be picked once every real box is gone (or when there
+    # is none). Eager, it stops after min(max_detections, D) picks, which is the same result.
+    if torch.jit.is_tracing():
+        steps = int(max_detections)
+    else:
+        steps = min(int(max_detections), boxes.shape[0])
+    if steps == 0:
         return idxs.new_zeros(0, dtype=torch.int64), scores.new_zeros(0)
-    columns, areas = _columns(_offset_boxes(boxes.float(), idxs))
-    current = scores.float().masked_fill(scores <= score_threshold, -1.0)
+    columns, areas = _columns(torch.cat([boxes.float(), boxes.new_zeros(1, 4, dtype=torch.float)]))
+    idxs = torch.cat([idxs, idxs.new_full((1,), -1)])
+    current = torch.cat([scores.float(), scores.new_full((1,), -1.0, dtype=torch.float)])
+    current = current.masked_fill(current <= score_threshold, -1.0)
+    # Positions from a cumulative sum rather than arange(len(...)), which tracing would freeze.
+    positions = torch.ones_like(idxs).cumsum(0) - 1
     picked, picked_scores = [], []
-    for _ in range(num):
+    for _ in range(steps):
         best = current.argmax()
         picked.append(best)
         picked_scores.append(current[best])
         iou = _pairwise_iou(columns[:, best], areas[best], columns, areas)
+        iou = torch.where(idxs == idxs[best], iou, torch.zeros_like(iou))  # other classes: 0
         if method == "linear":
             decay = torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
         else:
@@ -105,8 +105,7 @@ def soft_nms(
         current = current * decay
         # Dropped and picked boxes get -1 so that they are never picked (again); a -1 that
         # the argmax returns once every box is gone is filtered below.
-        current = current.masked_fill(current <= score_threshold, -1.0)
-        current[best] = -1.0
+        current = current.masked_fill((current <= score_threshold) | (positions == best), -1.0)
     keep, kept_scores = torch.stack(picked), torch.stack(picked_scores)
     valid = kept_scores > score_threshold
     return keep[valid], kept_scores[valid].to(scores.dtype)
@@ -136,17 +135,15 @@ def box_voting(
         Tensor: (M, 4) voted boxes, float32. A kept box that no candidate overlaps enough
         (not possible when it is a candidate) stays as it is.
     """
-    if kept_boxes.numel() == 0 or boxes.numel() == 0:
-        return kept_boxes
-    all_boxes = torch.cat([kept_boxes, boxes]).float()
-    shifted = _offset_boxes(all_boxes, torch.cat([kept_idxs, idxs]))
-    columns, areas = _columns(shifted)
-    num_kept = len(kept_boxes)
+    # No early return for empty inputs: the zero-size operations give the right (0, 4) or
+    # unchanged boxes, and a traced graph has no Python branch to take.
+    kept_columns, kept_areas = _columns(kept_boxes.float())
+    columns, areas = _columns(boxes.float())
     iou = _pairwise_iou(  # (M, D)
-        columns[:, :num_kept, None], areas[:num_kept, None], columns[:, None, num_kept:],
-        areas[None, num_kept:],
-    )  # fmt: skip
-    weights = (iou >= iou_threshold).float() * scores.float()[None, :]  # (M, D)
+        kept_columns[:, :, None], kept_areas[:, None], columns[:, None, :], areas[None, :]
+    )
+    votes = (iou >= iou_threshold) & (kept_idxs[:, None] == idxs[None, :])
+    weights = votes.float() * scores.float()[None, :]  # (M, D)
     total = weights.sum(dim=1, keepdim=True)
     voted = weights @ boxes.float() / total.clamp(min=torch.finfo(torch.float32).tiny)
     return torch.where(total > 0, voted, kept_boxes.float())

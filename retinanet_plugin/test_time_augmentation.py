@@ -7,10 +7,12 @@ of every version are mapped back to the original image and pooled, and one final
 (the model's own: per-class or class-agnostic, hard or soft NMS, optional box voting) selects
 the detections, as mmdetection does for dense detectors. Pooling before the NMS, rather than
 merging each version's final detections, lets a box found in several versions suppress its
-duplicates with its best score.
+duplicates with its best score. Candidates and selection are the model's own
+(:func:`find_candidates`, :func:`select_detections`, read from its :class:`PostProcessing`).
 """
 
 import copy
+import dataclasses
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -24,6 +26,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.modeling.test_time_augmentation import DatasetMapperTTA
 
 from .meta_arch import FocalRetinaNet
+from .postprocess import PostProcessing
 
 __all__ = ["FocalRetinaNetWithTTA"]
 
@@ -52,8 +55,14 @@ class FocalRetinaNetWithTTA(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
+        self.postprocessing.check("tta")
         self.tta_mapper = tta_mapper if tta_mapper is not None else DatasetMapperTTA(cfg)
         self.batch_size = batch_size
+
+    @property
+    def postprocessing(self) -> PostProcessing:
+        """The model's test-time keys, with test-time augmentation on."""
+        return dataclasses.replace(self.model.postprocessing, test_augmentation=True)
 
     def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, object]]:
         """

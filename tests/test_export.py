@@ -1,5 +1,6 @@
 """Export to ONNX / TorchScript: the exported file gives the eager model's detections."""
 
+import dataclasses
 import logging
 
 import onnx
@@ -48,8 +49,10 @@ def _assert_same_detections(model, run, images):
         boxes, scores, classes = run(image)
         assert len(ref) > 0, "the fixture must give detections"
         assert len(boxes) == len(ref), tuple(image.shape)
-        # Scores within 1e-7 may swap ranks between runtimes: pair by class and box.
-        pair = match_detections(boxes, classes, ref.pred_boxes.tensor, ref.pred_classes)
+        # Scores within 1e-7 may swap ranks between runtimes: pair by class, box and score.
+        pair = match_detections(
+            boxes, classes, ref.pred_boxes.tensor, ref.pred_classes, scores, ref.scores
+        )
         assert sorted(pair.tolist()) == list(range(len(ref)))  # one to one, all of the same class
         torch.testing.assert_close(boxes, ref.pred_boxes.tensor[pair], rtol=0, atol=1e-3)
         torch.testing.assert_close(scores, ref.scores[pair], rtol=0, atol=1e-5)
@@ -187,3 +190,181 @@ def test_match_detections_pairs_by_class_and_nearest_box():
     boxes = torch.tensor([[50.0, 50, 60, 60], [0, 0, 10, 10.0001], [0, 0, 10, 10], [1, 1, 2, 2]])
     classes = torch.tensor([0, 1, 0, 2])
     assert match_detections(boxes, classes, ref_boxes, ref_classes).tolist() == [2, 1, 0, -1]
+
+
+def test_match_detections_pairs_twin_boxes_by_score():
+    # Soft-NMS keeps a duplicate at a decayed score; box voting can give it the very same box.
+    # By box alone both exported twins would pair with the first reference (argmin's first).
+    ref_boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10]])
+    ref_scores = torch.tensor([0.9, 0.2])
+    classes = torch.tensor([0, 0])
+    boxes, scores = ref_boxes.flip(0), torch.tensor([0.2, 0.9]) + 1e-7
+    assert match_detections(boxes, classes, ref_boxes, classes).tolist() == [0, 0]
+    assert match_detections(boxes, classes, ref_boxes, classes, scores, ref_scores).tolist() == [
+        1, 0,
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Test-time keys: honoured in the graph, or refused by name before any tracing
+# --------------------------------------------------------------------------------------------
+# Each variant sets test-time keys to values that change the eager detections of the fixture's
+# images (checked below, so that a graph ignoring a key cannot pass); together they set every
+# key the exported graph honours (test_variants_cover_every_key_the_graph_honours).
+KEY_VARIANTS = {
+    "per_class_thresholds": ["MODEL.RETINANET.SCORE_THRESH_TEST_PER_CLASS", "[0.05, 0.07, 0.06]"],
+    "class_agnostic": ["MODEL.RETINANET.NMS_CLASS_AGNOSTIC", "True"],
+    "soft_linear": ["MODEL.RETINANET.NMS_TYPE", "soft_linear", "MODEL.RETINANET.NMS_THRESH_TEST",
+                    "0.3"],
+    "soft_gaussian": ["MODEL.RETINANET.NMS_TYPE", "soft_gaussian",
+                      "MODEL.RETINANET.SOFT_NMS_SIGMA", "0.3",
+                      "MODEL.RETINANET.SOFT_NMS_SCORE_THRESH", "0.04"],
+    "box_voting": ["MODEL.RETINANET.BOX_VOTING", "True",
+                   "MODEL.RETINANET.BOX_VOTING_IOU_THRESH", "0.6"],
+    # The `make demo` recipe's suppression (configs/demo_deepforest_mobilenet_v2_fpn_long.yaml),
+    # class-agnostic on top.
+    "demo": ["MODEL.RETINANET.NMS_TYPE", "soft_gaussian", "MODEL.RETINANET.BOX_VOTING", "True",
+             "MODEL.RETINANET.NMS_CLASS_AGNOSTIC", "True"],
+    "thresholds_and_limits": ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.055",
+                              "MODEL.RETINANET.TOPK_CANDIDATES_TEST", "40",
+                              "TEST.DETECTIONS_PER_IMAGE", "30"],
+}  # fmt: skip
+
+
+def _variant(detector, opts):
+    """The fixture's weights in a model built with the KEY VALUE ``opts``."""
+    cfg, model = detector
+    cfg = cfg.clone()
+    cfg.merge_from_list(list(opts))
+    variant = build_model(cfg).eval()
+    variant.load_state_dict(model.state_dict())
+    return cfg, variant
+
+
+def test_variants_cover_every_key_the_graph_honours():
+    from retinanet_plugin.postprocess import TEST_TIME_KEYS
+
+    honoured = {k.key for k in TEST_TIME_KEYS if "export" in k.paths}
+    set_by_variants = {key for opts in KEY_VARIANTS.values() for key in opts[::2]}
+    assert honoured - set_by_variants == set()
+
+
+@pytest.mark.parametrize("export_format", ["torchscript", "onnx"])
+@pytest.mark.parametrize("variant", sorted(KEY_VARIANTS))
+def test_graph_honours_test_time_key(detector, tmp_path, export_format, variant):
+    _, model = _variant(detector, KEY_VARIANTS[variant])
+    images = _images()  # the traced size and three others
+    with torch.no_grad():
+        plain = [model_output(detector[1], im) for im in images]
+        keyed = [model_output(model, im) for im in images]
+    assert any(not _same_output(a, b) for a, b in zip(plain, keyed)), "the key changes nothing"
+    path = str(tmp_path / "model")
+    export_model(model, images[0], path, export_format)
+    _assert_same_detections(model, load_exported(path, export_format), images)
+
+
+def model_output(model, image):
+    instances = model([{"image": image}])[0]["instances"]
+    return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
+
+
+def _same_output(a, b):
+    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("export_format", ["torchscript", "onnx"])
+def test_graph_with_every_option_on_an_image_without_candidates(detector, tmp_path, export_format):
+    """Soft-NMS, box voting and per-class thresholds run on zero candidates in the graph too."""
+    cfg = detector[0].clone()
+    cfg.merge_from_list(KEY_VARIANTS["demo"] + KEY_VARIANTS["per_class_thresholds"])
+    model = _tiny_detector(cfg, "TinyBackbone")
+    noise = _images()[0]
+    flat = torch.full_like(noise, 128)
+    high, low = sorted([noise, flat], key=lambda im: -_max_logit(model, im))
+    middle = torch.sigmoid(torch.tensor((_max_logit(model, high) + _max_logit(model, low)) / 2))
+    model.test_score_thresh_per_class = [middle.item()] * model.num_classes
+    path = str(tmp_path / "model")
+    export_model(model, high, path, export_format)
+    run = load_exported(path, export_format)
+    boxes, scores, classes = run(low)
+    assert boxes.shape == (0, 4) and scores.shape == (0,) and classes.shape == (0,)
+    _assert_same_detections(model, run, [high])
+
+
+def _forbid_tracing(monkeypatch):
+    def traced(*args, **kwargs):
+        raise AssertionError("traced before the refusal")
+
+    monkeypatch.setattr(torch.jit, "trace", traced)
+    monkeypatch.setattr(torch.onnx, "export", traced)
+
+
+def test_cli_refuses_test_time_augmentation_by_key_before_tracing(
+    detector, tmp_path, caplog, monkeypatch
+):
+    cfg, model = detector
+    config_file, weights = save_detector(cfg, model, str(tmp_path))
+    _forbid_tracing(monkeypatch)
+    output = tmp_path / "model.onnx"
+    with caplog.at_level(logging.ERROR, logger="retinanet_plugin"):
+        rc = export_tool.main(
+            ["--config-file", config_file, "--weights", weights, "--format", "onnx",
+             "--output", str(output), "TEST.AUG.ENABLED", "True"]
+        )  # fmt: skip
+    assert rc == 1
+    assert "TEST.AUG.ENABLED True cannot be expressed in an exported graph" in caplog.text
+    assert "export with TEST.AUG.ENABLED False" in caplog.text
+    assert not output.exists()
+
+
+def test_a_key_the_graph_lacks_is_refused_by_name_before_tracing(detector, tmp_path, monkeypatch):
+    """The refusal reads the key table: a key marked as not honoured by the graph is named with
+    the override that exports without it (soft-NMS stands in for such a key)."""
+    import retinanet_plugin.postprocess as postprocess
+
+    keys = [
+        dataclasses.replace(k, paths=tuple(p for p in k.paths if p != "export"))
+        if k.key == "MODEL.RETINANET.NMS_TYPE" else k
+        for k in postprocess.TEST_TIME_KEYS
+    ]  # fmt: skip
+    monkeypatch.setattr(postprocess, "TEST_TIME_KEYS", tuple(keys))
+    _, model = _variant(detector, ["MODEL.RETINANET.NMS_TYPE", "soft_gaussian"])
+    _forbid_tracing(monkeypatch)
+    with pytest.raises(ValueError) as info:
+        export_model(model, _images()[0], str(tmp_path / "model.ts"), "torchscript")
+    assert "MODEL.RETINANET.NMS_TYPE soft_gaussian cannot be expressed in an exported graph" in (
+        str(info.value)
+    )
+    assert "export with MODEL.RETINANET.NMS_TYPE hard" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Output files
+# --------------------------------------------------------------------------------------------
+def test_cli_creates_the_output_folder(detector, tmp_path, caplog):
+    cfg, model = detector
+    config_file, weights = save_detector(cfg, model, str(tmp_path))
+    output = tmp_path / "new" / "folder" / "model.onnx"
+    with caplog.at_level(logging.INFO, logger="retinanet_plugin"):
+        rc = export_tool.main(
+            ["--config-file", config_file, "--weights", weights, "--format", "onnx",
+             "--output", str(output)]
+        )  # fmt: skip
+    assert rc == 0, caplog.text
+    assert output.is_file() and "max box difference" in caplog.text
+
+
+def test_cli_names_the_file_it_cannot_write_not_the_model(detector, tmp_path, caplog, monkeypatch):
+    cfg, model = detector
+    config_file, weights = save_detector(cfg, model, str(tmp_path))
+    output = tmp_path / "taken"
+    output.mkdir()  # a folder where the file should go
+    _forbid_tracing(monkeypatch)  # an unwritable output is found before the model is traced
+    with caplog.at_level(logging.ERROR, logger="retinanet_plugin"):
+        rc = export_tool.main(
+            ["--config-file", config_file, "--weights", weights, "--format", "torchscript",
+             "--output", str(output)]
+        )  # fmt: skip
+    assert rc == 1
+    assert str(output) in caplog.text
+    assert "FocalRetinaNet" not in caplog.text and "backbone" not in caplog.text

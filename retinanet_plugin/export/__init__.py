@@ -1,5 +1,7 @@
-"""Export of FocalRetinaNet to ONNX and TorchScript, post-processing included."""
+"""Export of FocalRetinaNet to ONNX and TorchScript, post-processing included (the model's own
+:class:`PostProcessing`; a test-time key the graph cannot express raises UnsupportedKeyError)."""
 
+from ..postprocess import UnsupportedKeyError
 from .exporter import (
     EXPORT_FORMATS,
     ExportError,
@@ -17,6 +19,7 @@ __all__ = [
     "ExportError",
     "ExportableRetinaNet",
     "ParityReport",
+    "UnsupportedKeyError",
     "check_parity",
     "eager_detections",
     "export_model",

@@ -1,10 +1,12 @@
 """Writing :class:`ExportableRetinaNet` to ONNX or TorchScript, and checking the file against
 the eager model."""
 
+import errno
 import logging
+import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -68,13 +70,18 @@ def export_model(
     Args:
         model (FocalRetinaNet): the detector, weights loaded.
         sample_image (Tensor): (3, H, W) image the graph is traced with.
-        path (str): output file (``.onnx`` / ``.ts`` or ``.pt`` by convention).
+        path (str): output file (``.onnx`` / ``.ts`` or ``.pt`` by convention); its folder is
+            created if missing. The file appears only once complete.
         export_format (str): "onnx" or "torchscript".
 
     Returns:
         ExportableRetinaNet: the traced module (sharing ``model``'s weights).
 
     Raises:
+        UnsupportedKeyError: a test-time key cannot be expressed in the graph (raised before
+            tracing; the message names the key and the override that exports without it).
+        OSError: ``path`` cannot be written (found before tracing where possible); the message
+            names the path.
         ExportError: tracing or conversion failed; the message names the model's components and
             the underlying error.
     """
@@ -82,39 +89,69 @@ def export_model(
         raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
     if sample_image.dim() != 3 or sample_image.shape[0] != 3:
         raise ValueError(f"sample image must be (3, H, W), got shape {tuple(sample_image.shape)}")
-    wrapper = ExportableRetinaNet(model)
+    wrapper = ExportableRetinaNet(model)  # refuses keys the graph cannot express
     sample_image = sample_image.to(model.device)
+    partial = _partial_file(path)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # Tracer warnings about Python values are expected (detectron2's shape checks); a
-            # real problem shows up in the parity check.
-            warnings.simplefilter("ignore")
-            if export_format == "torchscript":
-                traced = torch.jit.trace(wrapper, (sample_image,), check_trace=False)
-                traced.save(path)
-            else:
-                torch.onnx.export(
-                    wrapper,
-                    (sample_image,),
-                    path,
-                    dynamo=False,
-                    opset_version=ONNX_OPSET,
-                    input_names=["image"],
-                    output_names=["boxes", "scores", "classes"],
-                    dynamic_axes={
-                        "image": {1: "height", 2: "width"},
-                        "boxes": {0: "detections"},
-                        "scores": {0: "detections"},
-                        "classes": {0: "detections"},
-                    },
-                )
+        _trace(wrapper, sample_image, partial, export_format)
     except Exception as e:
+        os.remove(partial)
         raise ExportError(
             f"cannot export FocalRetinaNet ({_describe(model)}) to {export_format}: "
             f"{type(e).__name__}: {e}"
         ) from e
+    try:
+        os.replace(partial, path)
+    except OSError as e:
+        os.remove(partial)
+        raise _write_error(path, e) from e
     logger.info("Wrote %s model to %s", export_format, path)
     return wrapper
+
+
+def _write_error(path: str, error: OSError) -> OSError:
+    return OSError(f"cannot write the exported model to {path}: {error.strerror or error}")
+
+
+def _partial_file(path: str) -> str:
+    """Create ``path``'s folder and an empty file beside ``path`` to trace into (renamed to
+    ``path`` once complete), so that an unwritable output fails before tracing and an
+    interrupted export leaves no truncated model behind."""
+    folder, name = os.path.split(os.path.abspath(path))
+    partial = os.path.join(folder, f".{name}.{os.getpid()}.part")
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "it is a folder", path)
+        os.makedirs(folder, exist_ok=True)
+        open(partial, "wb").close()
+    except OSError as e:
+        raise _write_error(path, e) from e
+    return partial
+
+
+def _trace(wrapper: ExportableRetinaNet, sample_image: Tensor, path: str, export_format: str):
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracer warnings about Python values are expected (detectron2's shape checks); a real
+        # problem shows up in the parity check.
+        warnings.simplefilter("ignore")
+        if export_format == "torchscript":
+            torch.jit.trace(wrapper, (sample_image,), check_trace=False).save(path)
+            return
+        torch.onnx.export(
+            wrapper,
+            (sample_image,),
+            path,
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=["image"],
+            output_names=["boxes", "scores", "classes"],
+            dynamic_axes={
+                "image": {1: "height", 2: "width"},
+                "boxes": {0: "detections"},
+                "scores": {0: "detections"},
+                "classes": {0: "detections"},
+            },
+        )
 
 
 def load_exported(path: str, export_format: str) -> Callable[[Tensor], Detections]:
@@ -153,17 +190,27 @@ def eager_detections(model: FocalRetinaNet, image: Tensor) -> Detections:
 
 
 def match_detections(
-    boxes: Tensor, classes: Tensor, ref_boxes: Tensor, ref_classes: Tensor
+    boxes: Tensor,
+    classes: Tensor,
+    ref_boxes: Tensor,
+    ref_classes: Tensor,
+    scores: Optional[Tensor] = None,
+    ref_scores: Optional[Tensor] = None,
 ) -> Tensor:
-    """For each detection, the index of the reference detection of the same class whose box is
-    nearest (largest coordinate difference), or -1 if it has none.
+    """For each detection, the index of the reference detection of the same class that is nearest
+    (largest coordinate difference, and with scores, also 100 x the score difference), or -1 if
+    it has none.
 
     Exported and eager scores differ by float rounding (1e-7), which can swap two detections of
-    nearly equal score, so detections are paired by box and class rather than by rank.
+    nearly equal score, so detections are paired by box and class rather than by rank. Soft-NMS
+    keeps duplicates at decayed scores, which box voting can give the very same box: with scores
+    given, such twins pair by their score. The factor 100 makes a score difference of 1e-5 (the
+    default tolerance) weigh as much as 1e-3 px (the box tolerance).
 
     Args:
         boxes (Tensor): (D, 4); classes (Tensor): (D,).
         ref_boxes (Tensor): (D', 4); ref_classes (Tensor): (D',).
+        scores (Tensor, optional): (D,); ref_scores (Tensor, optional): (D',).
 
     Returns:
         Tensor: (D,) int64 indices into the reference.
@@ -171,6 +218,9 @@ def match_detections(
     if len(boxes) == 0 or len(ref_boxes) == 0:
         return torch.full((len(boxes),), -1, dtype=torch.int64)
     dist = (boxes.float()[:, None, :] - ref_boxes.float()[None, :, :]).abs().amax(dim=2)
+    if scores is not None and ref_scores is not None:
+        score_dist = (scores.float()[:, None] - ref_scores.float()[None, :]).abs() * 100
+        dist = torch.maximum(dist, score_dist)
     dist[classes.long()[:, None] != ref_classes.long()[None, :]] = float("inf")
     best, idx = dist.min(dim=1)
     return idx.masked_fill(~torch.isfinite(best), -1)
@@ -210,7 +260,7 @@ def check_parity(
         total += len(boxes)
         if len(boxes) == 0:
             continue
-        pair = match_detections(boxes, classes, ref_boxes, ref_classes)
+        pair = match_detections(boxes, classes, ref_boxes, ref_classes, scores, ref_scores)
         if (pair < 0).any() or len(set(pair.tolist())) != len(pair):
             raise ExportError(
                 f"exported and eager detections on a {size} image do not pair up by class and "

@@ -8,16 +8,17 @@ Shape shorthand:
     D: detections kept, at most ``max_detections_per_image``
 """
 
+import math
 from typing import Tuple
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
 from detectron2.layers.wrappers import shapes_to_tensor
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
-from ..meta_arch import FocalRetinaNet, _logit
+from ..meta_arch import FocalRetinaNet
+from ..postprocess import PostProcessing, select_detections
 
 __all__ = ["ExportableRetinaNet"]
 
@@ -30,11 +31,14 @@ class ExportableRetinaNet(nn.Module):
     record with the image size as a variable: normalisation by ``PIXEL_MEAN`` / ``PIXEL_STD``,
     zero padding to the backbone's ``size_divisibility`` (the model's own ``preprocess_image``),
     backbone, head, anchors of the actual feature-map sizes, per level the top
-    ``test_topk_candidates`` scores above ``test_score_thresh``, box decoding, per-class NMS
-    (torchvision's ``batched_nms``, which under tracing offsets each class's boxes so that one
+    ``TOPK_CANDIDATES_TEST`` scores above the score threshold of their class, box decoding, then
+    the eager model's own :func:`select_detections` with the model's :class:`PostProcessing`
+    (hard NMS through torchvision's ``batched_nms``, which offsets each class's boxes so that one
     ``NonMaxSuppression`` serves all classes, inside a scripted test that skips it when there is
-    no candidate), the ``max_detections_per_image`` limit, clipping to
-    the image and dropping empty boxes (what ``detector_postprocess`` does at scale 1).
+    no candidate; soft-NMS unrolled ``DETECTIONS_PER_IMAGE`` times; class-agnostic NMS; box
+    voting), and finally clipping to the image and dropping empty boxes (what
+    ``detector_postprocess`` does at scale 1). A test-time key the graph cannot express is
+    refused at construction, naming the key (:meth:`PostProcessing.check`).
 
     Resizing to the test resolution (``ResizeShortestEdge``) is the caller's job, as for the eager
     model: the graph's boxes are in the coordinates of the image it is given.
@@ -46,6 +50,9 @@ class ExportableRetinaNet(nn.Module):
         """
         Args:
             model (FocalRetinaNet): the detector; it is put in eval mode.
+
+        Raises:
+            UnsupportedKeyError: a test-time key of the model cannot be expressed in the graph.
         """
         super().__init__()
         if not isinstance(model, FocalRetinaNet):
@@ -53,6 +60,7 @@ class ExportableRetinaNet(nn.Module):
                 f"ExportableRetinaNet wraps a FocalRetinaNet, got {type(model).__name__} "
                 "(MODEL.META_ARCHITECTURE must be FocalRetinaNet)"
             )
+        model.postprocessing.check("export")
         self.model = model
         # Exporters restore the wrapper's mode afterwards; the detector must stay in inference.
         self.eval()
@@ -74,42 +82,50 @@ class ExportableRetinaNet(nn.Module):
         pred_logits, pred_deltas = model.head(features)
         anchors = model.anchor_generator(features)
 
-        thresh = _logit(model.test_score_thresh)
+        pp = model.postprocessing
+        # (K,) logit thresholds, a constant of the graph.
+        thresholds = pp.logit_thresholds(model.num_classes, images.tensor.device)
         boxes, scores, classes = [], [], []
         for anchors_i, logits_i, deltas_i in zip(anchors, pred_logits, pred_deltas):
-            b, s, c = self._level_detections(anchors_i.tensor, logits_i, deltas_i, thresh)
+            b, s, c = self._level_candidates(pp, anchors_i.tensor, logits_i, deltas_i, thresholds)
             boxes.append(b)
             scores.append(s)
             classes.append(c)
         boxes, scores, classes = torch.cat(boxes), torch.cat(scores), torch.cat(classes)
-
-        keep = batched_nms(boxes, scores, classes, model.test_nms_thresh)
-        keep = keep[: model.max_detections_per_image]
-        boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+        boxes, scores, classes = select_detections(pp, boxes, scores, classes)
         return self._clip_and_drop_empty(boxes, scores, classes, image)
 
-    def _level_detections(
-        self, anchors: Tensor, logits: Tensor, deltas: Tensor, thresh: float
+    def _level_candidates(
+        self,
+        pp: PostProcessing,
+        anchors: Tensor,
+        logits: Tensor,
+        deltas: Tensor,
+        thresholds: Tensor,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Decoded top-k candidates above the threshold of one level.
+        """Decoded top-k candidates above their class's threshold of one level.
 
-        Taking the top k of all scores and then thresholding keeps the same candidates as
-        thresholding first and then taking the top k (the eager order), and k = min(k, Ri * K)
+        Scores at or below their threshold become -inf before the top k, which then keeps the
+        candidates that the eager order (threshold, then top k) keeps, and k = min(k, Ri * K)
         depends only on the image size, not on how many scores pass.
 
         Args:
+            pp (PostProcessing): the model's keys.
             anchors (Tensor): (Ri, 4).
             logits (Tensor): (1, A*K, Hi, Wi).
             deltas (Tensor): (1, A*4, Hi, Wi).
-            thresh (float): logit threshold, logit(test_score_thresh).
+            thresholds (Tensor): (K,) logit thresholds.
         """
         num_classes = self.model.num_classes
-        logits = permute_to_N_HWA_K(logits, num_classes).flatten()  # (Ri * K,)
+        logits = permute_to_N_HWA_K(logits, num_classes)[0]  # (Ri, K)
+        # "x > t" is false for NaN, which thus never becomes a candidate, as in eager inference.
+        passing = logits > thresholds
+        logits = torch.where(passing, logits, torch.full_like(logits, -math.inf)).flatten()
         deltas = permute_to_N_HWA_K(deltas, 4)[0]  # (Ri, 4)
         # A tensor k, so that the traced graph takes min(k, Ri * K) of the actual input.
-        num_topk = shapes_to_tensor([logits.shape[0]]).clamp(max=self.model.test_topk_candidates)
+        num_topk = shapes_to_tensor([logits.shape[0]]).clamp(max=pp.topk_candidates)
         values, idxs = logits.topk(num_topk[0])
-        keep = values > thresh
+        keep = values > -math.inf
         values, idxs = values[keep], idxs[keep]
         anchor_idxs = torch.div(idxs, num_classes, rounding_mode="floor")
         classes = idxs - anchor_idxs * num_classes

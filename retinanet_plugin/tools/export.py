@@ -11,7 +11,9 @@ The file maps one (3, H, W) image (uint8 or float, pixel values 0-255, ``INPUT.F
 order, already resized to the test resolution) to ``boxes`` (D, 4, XYXY pixels), ``scores`` (D,)
 and ``classes`` (D,); H and W are free. After writing, the file is run (onnxruntime /
 ``torch.jit.load``) on the check images and compared with the eager model; a difference beyond
-``--box-atol`` / ``--score-atol`` is an error (exit code 1).
+``--box-atol`` / ``--score-atol`` is an error (exit code 1). The graph honours the config's
+test-time keys (per-class thresholds, soft-NMS, class-agnostic NMS, box voting); one it cannot
+express (``TEST.AUG.ENABLED True``) is refused before anything is traced, naming the override.
 """
 
 import argparse
@@ -24,6 +26,7 @@ import torch
 from detectron2.data.detection_utils import read_image
 
 from ..export import EXPORT_FORMATS, ExportError, check_parity, export_model, load_exported
+from ..postprocess import PostProcessing
 from .model_setup import load_cfg, load_model, setup_logging, to_model_input
 
 logger = logging.getLogger("retinanet_plugin.tools.export")  # not __name__: "__main__" under -m
@@ -69,6 +72,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_cfg(args.config_file, args.opts, weights=args.weights)
+        # Before the model is even built: a test-time key the graph cannot express (TEST.AUG.*)
+        # is refused by name.
+        PostProcessing.from_config(cfg).check("export")
         model = load_model(cfg)
         images = check_images(cfg, args.check_images)
         export_model(model, images[0], args.output, args.format)
