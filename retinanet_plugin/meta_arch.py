@@ -234,6 +234,7 @@ class FocalRetinaNet(DenseDetector):
     def postprocessing(self) -> PostProcessing:
         """The test-time keys as the model holds them now (attributes set after construction
         included), for :func:`select_detections`, TTA and export."""
+        voting = self.box_voting_iou_thresh
         return PostProcessing(
             score_thresh=self.test_score_thresh,
             score_thresh_per_class=tuple(self.test_score_thresh_per_class or ()),
@@ -243,9 +244,9 @@ class FocalRetinaNet(DenseDetector):
             soft_nms_sigma=self.soft_nms_sigma,
             soft_nms_score_thresh=self.soft_nms_score_thresh,
             class_agnostic=self.nms_class_agnostic,
-            box_voting=self.box_voting_iou_thresh is not None,
+            box_voting=voting is not None,
             box_voting_iou_thresh=(
-                0.8 if self.box_voting_iou_thresh is None else self.box_voting_iou_thresh
+                PostProcessing.box_voting_iou_thresh if voting is None else voting
             ),
             max_detections=self.max_detections_per_image,
         )
