@@ -15,13 +15,12 @@ import time
 import numpy as np
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_anchor_generator
 from detectron2.structures import Boxes, pairwise_iou
 
-from retinanet_plugin import add_retinanet_plugin_config
-from retinanet_plugin.tools import analyze_anchors as aa
+from retinanet_plugin import anchors as aa
+from retinanet_plugin.config import load_config
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -30,9 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=50)
     args = parser.parse_args()
-    cfg = get_cfg()
-    add_retinanet_plugin_config(cfg)
-    cfg.merge_from_file("configs/Base-FocalRetinaNet.yaml")
+    cfg = load_config("configs/Base-FocalRetinaNet.yaml")
     shapes = {f"p{i + 3}": ShapeSpec(channels=1, stride=s) for i, s in enumerate(STRIDES)}
     layout = aa.anchor_layout(cfg, shapes, 128)
     generator = build_anchor_generator(cfg, list(shapes.values()))

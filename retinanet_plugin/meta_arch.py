@@ -302,7 +302,7 @@ class FocalRetinaNet(DenseDetector):
             anchors (Boxes): (R, 4) anchors of all levels, shared by the images.
             gt_instances (list[Instances]): N ground truths with ``gt_boxes`` and ``gt_classes``;
                 an optional bool ``gt_is_crowd`` marks crowd regions (kept by
-                :class:`CrowdDatasetMapper`), which are never matched, and whose background
+                :class:`RobustDatasetMapper` with ``keep_crowd``), which are never matched, and whose background
                 anchors become ignored when ``crowd_ioa_thresh`` is set.
 
         Returns:

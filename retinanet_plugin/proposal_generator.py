@@ -34,7 +34,7 @@ from .box_regression import check_box_reg_loss_type, dense_box_reg_loss
 from .head import FocalRetinaNetHead, build_retinanet_head, head_input_shapes
 from .loss_normalizer import LossNormalizer, build_loss_normalizer
 from .losses import build_cls_loss
-from .meta_arch import build_anchor_matcher
+from .matching import build_anchor_matcher
 
 __all__ = ["FocalRPN"]
 

@@ -14,7 +14,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from retinanet_plugin import add_retinanet_plugin_config
-from retinanet_plugin.data import CrowdDatasetMapper, build_dataset_mapper
+from retinanet_plugin.data import RobustDatasetMapper, build_dataset_mapper
 
 H = W = 80
 # Shorter side 80 -> 107: every coordinate is scaled by 107 / 80 = 1.3375.
@@ -67,10 +67,11 @@ def _expected_boxes():
     return [scaled(TREE), scaled(CROWD)]
 
 
-# The mapper as train_net.py builds it, and under its former name (tests/test_test_time.py).
+# The mapper as train_net.py builds it, and constructed directly with keep_crowd (as
+# tests/test_test_time.py does).
 BUILDERS = {
     "build_dataset_mapper": lambda cfg: build_dataset_mapper(cfg, is_train=True),
-    "CrowdDatasetMapper": lambda cfg: CrowdDatasetMapper(cfg, is_train=True),
+    "keep_crowd": lambda cfg: RobustDatasetMapper(cfg, is_train=True, keep_crowd=True),
 }
 
 

@@ -13,7 +13,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, BoxMode, Instances
 
-from retinanet_plugin.data import CrowdDatasetMapper
+from retinanet_plugin.data import RobustDatasetMapper
 from retinanet_plugin.nms import box_voting, soft_nms
 from retinanet_plugin.test_time_augmentation import FocalRetinaNetWithTTA
 
@@ -393,7 +393,7 @@ def test_crowd_mapper_keeps_crowd_boxes(tmp_path):
         ],
     }
     kwargs = {"is_train": True, "augmentations": [T.Resize((200, 200))], "image_format": "BGR"}
-    instances = CrowdDatasetMapper(**kwargs)(record)["instances"]
+    instances = RobustDatasetMapper(keep_crowd=True, **kwargs)(record)["instances"]
     # Resized x2: the tree [70, 70, 90, 90] -> [140, 140, 180, 180], the crowd -> [0, 0, 100, 100].
     assert instances.gt_boxes.tensor.tolist() == [[140, 140, 180, 180], [0, 0, 100, 100]]
     assert instances.gt_classes.tolist() == [1, 0]

@@ -14,7 +14,7 @@ from .deepforest import (
     prepare_deepforest,
     register_deepforest,
 )
-from .mapper import CrowdDatasetMapper, RobustDatasetMapper, build_dataset_mapper, read_image
+from .mapper import RobustDatasetMapper, build_dataset_mapper, read_image
 from .registration import check_datasets, register_datasets_from_cfg
 from .tiling import convert_voc_to_coco
 from .voc import parse_voc_xml
@@ -26,7 +26,6 @@ __all__ = [
     "build_dataset_mapper",
     "check_coco_json",
     "check_datasets",
-    "CrowdDatasetMapper",
     "convert_deepforest",
     "convert_voc_to_coco",
     "fetch_deepforest",

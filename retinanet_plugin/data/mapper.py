@@ -51,7 +51,6 @@ from .augmentations import extra_train_augmentations
 
 __all__ = [
     "UNREADABLE_IMAGE_ERRORS",
-    "CrowdDatasetMapper",
     "RobustDatasetMapper",
     "build_dataset_mapper",
     "read_image",
@@ -248,9 +247,3 @@ def build_dataset_mapper(cfg, is_train: bool, **overrides: Any) -> RobustDataset
             ``augmentations``).
     """
     return RobustDatasetMapper(cfg, is_train=is_train, **overrides)
-
-
-def CrowdDatasetMapper(*args: Any, **kwargs: Any) -> RobustDatasetMapper:
-    """``RobustDatasetMapper(..., keep_crowd=True)``, under the name of the separate mapper it
-    replaced (still used by tests/test_test_time.py)."""
-    return RobustDatasetMapper(*args, keep_crowd=True, **kwargs)
