@@ -47,10 +47,9 @@ from retinanet_plugin.engine import (
     wrap_ddp_on_cpu,
 )
 from retinanet_plugin.engine.resume import (
-    LossNormalizerStates,
     build_resumable_train_loader,
     continue_data_stream,
-    missing_trainer_state,
+    resume_checkpointables,
 )
 from retinanet_plugin.evaluation import build_coco_evaluator
 from retinanet_plugin.test_time_augmentation import FocalRetinaNetWithTTA
@@ -165,15 +164,15 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         # DefaultTrainer.__init__ made a DetectionCheckpointer just before calling build_hooks;
         # ours (atomic saves, loads that cannot run code) replaces it before the hooks take it.
-        # It also saves the loss normaliser's moving average, which the model does not hold.
+        # It also saves what an exact resume needs beyond detectron2's trainer state (the loss
+        # normaliser's moving average, the sampler's seed, the optimizer under detectron2 0.6).
         old = self.checkpointer
         self.checkpointer = RetinaNetCheckpointer(
             old.model,
             old.save_dir,
             fine_tune=True,
-            loss_normalizers=LossNormalizerStates(old.model),
             **old.checkpointables,
-            **missing_trainer_state(self),
+            **resume_checkpointables(self),
         )
         ret = super().build_hooks()
         if self.cfg.TEST.AUG.ENABLED:
@@ -186,8 +185,7 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
-        images_per_batch = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-        continue_data_stream(self._trainer, self.start_iter, images_per_batch)
+        continue_data_stream(self._trainer, self.start_iter)
 
 
 def _merged_cfg(args):

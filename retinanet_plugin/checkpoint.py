@@ -9,6 +9,10 @@
   and detectron2 / Detectron1 model-zoo ``.pkl`` files through :func:`load_pickle_safely`, whose
   unpickler rebuilds only numpy arrays and scalars, dicts, lists, tuples, strings and numbers.
 - A checkpoint trained for another number of classes is refused where it is meant to fit.
+- Resumes work across detectron2 versions: 0.6's trainer saves no optimizer (the project's
+  trainer saves it beside the trainer's state, as ``optimizer`` / ``grad_scaler``), later
+  versions save it inside (``trainer._trainer``); a checkpoint in one layout is read into the
+  other where the running trainer expects it.
 """
 
 import contextlib
@@ -123,6 +127,11 @@ def _torch_load_weights_only(filename: str) -> Any:
             f"than tensors and plain data in it (a crafted checkpoint can run code on load; load "
             f"it unsafely only if you trust its source). torch said: {e}"
         ) from e
+
+
+# What detectron2 >= 2022 saves inside the trainer's state (``trainer._trainer``) and the project's
+# trainer saves beside it under detectron2 0.6 (see engine/resume.py: missing_trainer_state).
+_TRAINER_OWN_STATE = ("optimizer", "grad_scaler")
 
 
 def _is_local(path: str) -> bool:
@@ -271,18 +280,66 @@ class RetinaNetCheckpointer(DetectionCheckpointer):
         finally:
             self._check_num_classes = True
 
+    def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        """As :class:`DetectionCheckpointer`; after a load that raised (e.g. a refused file) the
+        checkpointer can load again."""
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            # Upstream detectron2 (2023+) records the path being loaded and asserts at the next
+            # load that it was cleared, which it does only when a load returns.
+            if getattr(self, "_parsed_url_during_load", None) is not None:
+                self._parsed_url_during_load = None
+
     def _load_file(self, filename: str) -> Dict[str, Any]:
+        loaded = self._read_file(filename)
+        self._match_trainer_state_layout(loaded)
+        return loaded
+
+    def _torch_load(self, filename: str) -> Dict[str, Any]:
+        # Upstream detectron2 reads .pth files through this method, then applies the path's
+        # query (``?matching_heuristics=True``); 0.6 has neither.
+        return _torch_load_weights_only(filename)
+
+    def _read_file(self, filename: str) -> Dict[str, Any]:
         if filename.endswith(".pkl"):
             # Unpickled once under the allowlist; detectron2 then reads the same bytes (now known
             # to name only numpy's constructors) and applies its model-zoo / Caffe2 conversion.
             load_pickle_safely(filename)
             return super()._load_file(filename)
-        loaded = _torch_load_weights_only(filename)
         if filename.endswith(".pyth"):
+            _torch_load_weights_only(filename)
             return super()._load_file(filename)  # pycls layout; the file is known to be data
+        if hasattr(DetectionCheckpointer, "_torch_load"):
+            return super()._load_file(filename)  # through self._torch_load
+        loaded = _torch_load_weights_only(filename)
         if "model" not in loaded:
             loaded = {"model": loaded}
         return loaded
+
+    def _match_trainer_state_layout(self, checkpoint: Dict[str, Any]) -> None:
+        """Move the optimizer (and AMP's grad scaler) of a checkpoint written under another
+        detectron2 version to where the running trainer reads it (see the module docstring)."""
+        trainer = self.checkpointables.get("trainer")
+        saved = checkpoint.get("trainer")
+        if trainer is None or not isinstance(saved, dict) or "iteration" not in saved:
+            return
+        expects_nested = "_trainer" in trainer.state_dict()
+        if expects_nested and "_trainer" not in saved:
+            if "optimizer" not in checkpoint:
+                raise ValueError(
+                    "Cannot resume: the checkpoint holds no optimizer state (written by detectron2 "
+                    "0.6's own checkpointer?); this detectron2's trainer needs it. Start a new run "
+                    "from its weights instead: MODEL.WEIGHTS <file>, without --resume."
+                )
+            nested = {"iteration": saved["iteration"]}
+            nested.update({k: checkpoint.pop(k) for k in _TRAINER_OWN_STATE if k in checkpoint})
+            saved["_trainer"] = nested
+        elif not expects_nested and "_trainer" in saved:
+            nested = saved.pop("_trainer")
+            for key in _TRAINER_OWN_STATE:
+                if key in nested and key in self.checkpointables:
+                    checkpoint.setdefault(key, nested[key])
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         incompatible = super()._load_model(checkpoint)

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import detectron2
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser
 from detectron2.utils.events import get_event_storage
@@ -67,6 +68,8 @@ def _install(kill_at: str) -> None:
 
 
 def main() -> None:
+    # The test checks that this is the detectron2 it runs itself.
+    print(f"killable_train: detectron2 from {os.path.dirname(detectron2.__file__)}", flush=True)
     name, json_file, image_root = os.environ["TINY_DATASET"].split(":")
     register_coco_instances(name, {"thing_classes": ["Tree"]}, json_file, image_root)
     _install(os.environ["KILL_AT"])

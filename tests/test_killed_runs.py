@@ -22,6 +22,7 @@ import pytest
 import torch
 from test_train_net import DEMO_CONFIG, FAST_OPTS, REPO, TINY, _load_train_net, datasets_dir
 
+import detectron2
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser
 
@@ -70,9 +71,12 @@ def _run_until_killed(tmp_path, out, datasets_dir, kill_at, resume):
     marker = tmp_path / "reached"
     marker.unlink(missing_ok=True)
     meta = MetadataCatalog.get(TINY)
+    # The test's own PYTHONPATH kept after the repository: a detectron2 checkout that shadows the
+    # installed one (the suite run against upstream) must be the killed runs' detectron2 too.
+    pythonpath = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(
         os.environ,
-        PYTHONPATH=str(REPO),
+        PYTHONPATH=os.pathsep.join(pythonpath),
         OMP_NUM_THREADS="1",
         DETECTRON2_DATASETS=str(datasets_dir),
         KILL_AT=kill_at,
@@ -96,6 +100,8 @@ def _run_until_killed(tmp_path, out, datasets_dir, kill_at, resume):
         os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its loader worker, like a preemption
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    # Checkpoints are resumed in this process too: both must have run the same detectron2.
+    assert f"detectron2 from {os.path.dirname(detectron2.__file__)}\n" in log.read_text()
     return marker.read_text()
 
 
