@@ -27,7 +27,6 @@ from detectron2.data import build_detection_test_loader
 from detectron2.engine import (
     DefaultTrainer,
     HookBase,
-    default_argument_parser,
     default_setup,
     hooks,
 )
@@ -42,8 +41,10 @@ from retinanet_plugin.data.registration import register_config_datasets
 from retinanet_plugin.engine import (
     BatchRecorder,
     SkippedImagesHook,
+    argument_parser,
     guard_nonfinite_losses,
-    launch,
+    run_main,
+    warn_on_schedule,
     wrap_ddp_on_cpu,
 )
 from retinanet_plugin.engine.resume import (
@@ -208,6 +209,8 @@ def setup(args):
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retinanet_plugin")
     register_config_datasets(cfg)
     check_datasets(cfg, train=not args.eval_only)
+    if not args.eval_only:
+        warn_on_schedule(cfg, args.config_file)  # STEPS, WARMUP_ITERS beyond MAX_ITER
     return cfg
 
 
@@ -234,14 +237,8 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    # Flags may also follow the KEY VALUE pairs ("... SOLVER.MAX_ITER 10 --resume").
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        device=configured_device(args),
-    )
+    # A dataset that fails its check ends the run with its problems, not a traceback.
+    run_main(main, args, device=configured_device(args))
