@@ -10,9 +10,10 @@ runs so). Then:
   <script>.py ...`` (also as ``.venv/bin/python`` / ``python3``): the script or module exists,
   and its arguments go through the parser the code builds. The module's (or script's) ``if
   __name__ == "__main__":`` block is run with those arguments and stopped as soon as an argparse
-  parser has parsed them, so whatever parser the code builds today (detectron2's
-  ``default_argument_parser`` for train_net.py, a tool's ``parse_args``, a parser made inside
-  ``main``) is the one checked. A ``--config-file`` must exist in the repository, and its KEY
+  parser has parsed them, so whatever parser the code builds today (for train_net.py
+  ``retinanet_plugin.engine.argument_parser``, detectron2's ``default_argument_parser`` that also
+  takes flags after the overrides; a tool's ``parse_args``; a parser made inside ``main``) is
+  the one checked. A ``--config-file`` must exist in the repository, and its KEY
   VALUE overrides (``opts``) must merge into it (``retinanet_plugin.config.load_config``: keys
   that exist, values of their type). All of this runs in one child process
   (:func:`parse_in_worker`), so the programs' imports and logging set-up stay out of the suite.
