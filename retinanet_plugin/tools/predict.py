@@ -151,6 +151,7 @@ def match_dataset(cfg, files: Sequence[str]) -> Tuple[Optional[str], Dict[str, D
         prefix = os.path.join(os.path.realpath(root), "") if root else None
         if prefix is None or not any(p.startswith(prefix) for p in paths):
             continue
+        logger.info("Inputs under the image root of dataset %s: loading it for image ids", name)
         try:
             records = DatasetCatalog.get(name)
         # What detectron2's COCO loader raises on a missing or malformed file.
