@@ -8,7 +8,7 @@ Example::
         --output output/predict
 
 Image files go through the mapper of ``train_net.py``'s test loader
-(``RobustDatasetMapper(cfg, is_train=False)``: the plugin's ``read_image`` in ``INPUT.FORMAT``,
+(``build_dataset_mapper(cfg, is_train=False)``: the plugin's ``read_image`` in ``INPUT.FORMAT``,
 ``ResizeShortestEdge`` to ``MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``), the boxes are mapped back to the
 original image, and the COCO results are made by the conversion ``COCOEvaluator`` uses
 (:mod:`retinanet_plugin.evaluation.results`). An image of a registered dataset of the config
@@ -55,7 +55,12 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import convert_image_to_rgb, convert_PIL_to_numpy
 from detectron2.structures import Instances
 
-from ..data.mapper import UNREADABLE_IMAGE_ERRORS, RobustDatasetMapper, read_image
+from ..data.mapper import (
+    UNREADABLE_IMAGE_ERRORS,
+    RobustDatasetMapper,
+    build_dataset_mapper,
+    read_image,
+)
 from ..evaluation.results import instances_to_coco_results
 from ..visualize import draw_detections
 from .model_setup import (
@@ -462,7 +467,7 @@ def predict(
             "round differently, so scores and boxes may differ from COCOEvaluator's in the last "
             "bits", batch_size,
         )
-    mapper = RobustDatasetMapper(cfg, is_train=False)  # train_net.py's test-loader mapper
+    mapper = build_dataset_mapper(cfg, is_train=False)  # train_net.py's test-loader mapper
     total = sum(_count_frames(f) if is_video(f) else 1 for f in files)
     progress = Progress(total)
     fps: Dict[str, float] = {}
