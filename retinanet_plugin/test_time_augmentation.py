@@ -55,6 +55,10 @@ class FocalRetinaNetWithTTA(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
+        # The model's mode, not nn.Module's default (training): detectron2's
+        # inference_on_dataset puts the wrapper in eval mode and afterwards back in its mode, which
+        # would otherwise leave an eval-mode model in training mode after a TTA evaluation.
+        self.training = model.training
         self.postprocessing.check("tta")
         self.tta_mapper = tta_mapper if tta_mapper is not None else DatasetMapperTTA(cfg)
         self.batch_size = batch_size

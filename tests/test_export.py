@@ -7,11 +7,14 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
+from detectron2.data.detection_utils import read_image as d2_read_image
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, build_model
 
+from retinanet_plugin.data import build_dataset_mapper
 from retinanet_plugin.export import (
     ExportableRetinaNet,
     ExportError,
@@ -21,6 +24,7 @@ from retinanet_plugin.export import (
     match_detections,
 )
 from retinanet_plugin.tools import export as export_tool
+from retinanet_plugin.tools.model_setup import to_model_input
 
 from detector_fixture import save_detector, small_detector
 
@@ -368,3 +372,25 @@ def test_cli_names_the_file_it_cannot_write_not_the_model(detector, tmp_path, ca
     assert rc == 1
     assert str(output) in caplog.text
     assert "FocalRetinaNet" not in caplog.text and "backbone" not in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# Check images: read as every tool reads them
+# --------------------------------------------------------------------------------------------
+def test_check_images_are_read_by_the_test_loaders_mapper(detector, tmp_path):
+    """--check-images go through train_net.py's test-loader mapper, as predict's and the
+    evaluator's images do: a 16-bit grayscale PNG keeps its contrast (detectron2's read_image
+    clips values in the thousands to 255, a white image), and the resize is the test one."""
+    cfg, _ = detector
+    generator = torch.Generator().manual_seed(2)
+    values = torch.randint(1000, 60000, (90, 120), generator=generator, dtype=torch.int32)
+    path = str(tmp_path / "gray16.png")
+    Image.fromarray(values.numpy().astype("uint16")).save(path)
+    (image,) = export_tool.check_images(cfg, [path])
+    mapper = build_dataset_mapper(cfg, is_train=False)
+    expected = mapper({"file_name": path, "image_id": 0})["image"]
+    torch.testing.assert_close(image, expected, rtol=0, atol=0)
+    # 90x120 resized to the test short side of 160: 160x213
+    assert tuple(image.shape) == (3, 160, 213)
+    clipped = to_model_input(cfg, d2_read_image(path, format=cfg.INPUT.FORMAT))
+    assert clipped.float().mean() > 250 and image.float().mean() < 200

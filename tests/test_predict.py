@@ -17,6 +17,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import Boxes, Instances
 
+from retinanet_plugin.data import build_dataset_mapper
+from retinanet_plugin.test_time_augmentation import FocalRetinaNetWithTTA
 from retinanet_plugin.tools import predict as predict_tool
 from retinanet_plugin.tools.model_setup import dataset_categories, load_cfg, to_model_input
 from retinanet_plugin.visualize import draw_detections
@@ -434,3 +436,30 @@ def test_instances_to_coco_results_maps_ids_as_coco_evaluator():
     assert coco_category_ids({"thing_classes": ["a"]}) is None
     with pytest.raises(ValueError, match="class 1.*0..0"):
         instances_to_coco_results(instances, 1, {0: 3})
+
+
+def test_test_time_augmentation_is_honoured_and_said(detector, tmp_path, caplog):
+    """With TEST.AUG.ENABLED, predict runs FocalRetinaNetWithTTA as train_net.py's
+    Trainer.test_with_TTA does (so its results are the evaluator's inference_TTA/ ones, see
+    test_consistency.py), and says so in the log and in images.json; before, it ran the plain
+    model without a word."""
+    cfg, model = detector
+    cfg = cfg.clone()
+    cfg.merge_from_list(["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(96, 160)",
+                         "TEST.AUG.MAX_SIZE", "256", "TEST.AUG.FLIP", "True"])
+    path = _write_images(str(tmp_path), [(96, 128)])[0]
+    with caplog.at_level(logging.INFO, logger="retinanet_plugin"):
+        _, summary = predict_tool.predict(cfg, model, [path], str(tmp_path / "out"))
+    assert "TEST.AUG.ENABLED: test-time augmentation (shortest edges [96, 160]" in caplog.text
+    assert "inference_TTA" in caplog.text
+    with open(summary["images_file"]) as f:
+        augmentation = json.load(f)["test_augmentation"]
+    assert augmentation == {"min_sizes": [96, 160], "max_size": 256, "flip": True}
+    with open(summary["results_file"]) as f:
+        got = json.load(f)
+    inputs = build_dataset_mapper(cfg, is_train=False)({"file_name": path, "image_id": 1})
+    with torch.no_grad():
+        tta = FocalRetinaNetWithTTA(cfg, model)([inputs])[0]["instances"]
+        plain = model([inputs])[0]["instances"]
+    assert sorted(r["score"] for r in got) == sorted(tta.scores.tolist())
+    assert len(got) > 0 and sorted(tta.scores.tolist()) != sorted(plain.scores.tolist())

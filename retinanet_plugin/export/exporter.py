@@ -6,10 +6,13 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, Instances
 
 from ..meta_arch import FocalRetinaNet
 from .graph import ExportableRetinaNet
@@ -21,6 +24,7 @@ __all__ = [
     "check_parity",
     "eager_detections",
     "export_model",
+    "exported_instances",
     "load_exported",
     "match_detections",
 ]
@@ -180,6 +184,40 @@ def load_exported(path: str, export_format: str) -> Callable[[Tensor], Detection
 
         return run_onnx
     raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
+
+
+def exported_instances(
+    run_exported: Callable[[Tensor], Detections], inputs: Dict[str, Any]
+) -> Instances:
+    """An exported graph's detections of one input as the test loader gives it, in the form the
+    eager model returns them.
+
+    The graph sees the image at the test resolution, as the model does; its boxes are then
+    scaled to the original "height" x "width", clipped and emptied boxes dropped by the eager
+    model's own last step (detectron2's ``detector_postprocess``), so that
+    :func:`~retinanet_plugin.evaluation.instances_to_coco_results` turns them into the COCO
+    results ``COCOEvaluator`` would write for the same detections.
+
+    Args:
+        run_exported (callable): from :func:`load_exported`.
+        inputs (dict): the test loader's mapper output (``build_dataset_mapper(cfg,
+            is_train=False)``): "image" (3, H', W') resized, optional "height" and "width" of
+            the original image (default H', W').
+
+    Returns:
+        Instances: ``pred_boxes`` (XYXY, original pixels), ``scores``, ``pred_classes``.
+    """
+    image = inputs["image"]
+    boxes, scores, classes = run_exported(image)
+    resized = Instances(
+        tuple(image.shape[-2:]),
+        pred_boxes=Boxes(boxes.float()),
+        scores=scores.float(),
+        pred_classes=classes.long(),
+    )
+    height = inputs.get("height", image.shape[-2])
+    width = inputs.get("width", image.shape[-1])
+    return detector_postprocess(resized, height, width)
 
 
 def eager_detections(model: FocalRetinaNet, image: Tensor) -> Detections:

@@ -10,7 +10,8 @@ Example::
 The file maps one (3, H, W) image (uint8 or float, pixel values 0-255, ``INPUT.FORMAT`` channel
 order, already resized to the test resolution) to ``boxes`` (D, 4, XYXY pixels), ``scores`` (D,)
 and ``classes`` (D,); H and W are free. After writing, the file is run (onnxruntime /
-``torch.jit.load``) on the check images and compared with the eager model; a difference beyond
+``torch.jit.load``) on the check images (read and resized by ``train_net.py``'s test-loader
+mapper, as predict reads them) and compared with the eager model; a difference beyond
 ``--box-atol`` / ``--score-atol`` is an error (exit code 1). The graph honours the config's
 test-time keys (per-class thresholds, soft-NMS, class-agnostic NMS, box voting); one it cannot
 express (``TEST.AUG.ENABLED True``) is refused before anything is traced, naming the override.
@@ -23,11 +24,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from detectron2.data.detection_utils import read_image
-
+from ..data import build_dataset_mapper
 from ..export import EXPORT_FORMATS, ExportError, check_parity, export_model, load_exported
 from ..postprocess import PostProcessing
-from .model_setup import load_cfg, load_model, setup_logging, to_model_input
+from .model_setup import load_cfg, load_model, setup_logging
 
 logger = logging.getLogger("retinanet_plugin.tools.export")  # not __name__: "__main__" under -m
 
@@ -42,8 +42,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--check-images",
         nargs="*",
         default=[],
-        help="images to check the exported file on (resized as at test time); default: random "
-        "images of three sizes",
+        help="images to check the exported file on (read and resized by the test loader's mapper); "
+        "default: random images of three sizes",
     )
     parser.add_argument("--box-atol", type=float, default=1e-3, help="pixels (default 1e-3)")
     parser.add_argument("--score-atol", type=float, default=1e-5, help="(default 1e-5)")
@@ -54,10 +54,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def check_images(cfg, paths: Sequence[str]) -> List[torch.Tensor]:
-    """Images the export is traced and checked with: ``paths`` read and resized as detectron2's
-    test mapper does, or, without paths, random images of three sizes around the test size."""
+    """Images the export is traced and checked with: ``paths`` read and resized by the mapper of
+    ``train_net.py``'s test loader (``build_dataset_mapper(cfg, is_train=False)``, as predict
+    reads them), or, without paths, random images of three sizes around the test size.
+
+    Raises:
+        OSError: an image cannot be decoded (named).
+    """
     if paths:
-        return [to_model_input(cfg, read_image(p, format=cfg.INPUT.FORMAT)) for p in paths]
+        mapper = build_dataset_mapper(cfg, is_train=False)
+        return [mapper({"file_name": p, "image_id": i})["image"] for i, p in enumerate(paths)]
     side = cfg.INPUT.MIN_SIZE_TEST or 800
     generator = torch.Generator().manual_seed(0)
     # Odd sizes on purpose: the graph must pad them to the backbone's size divisibility.

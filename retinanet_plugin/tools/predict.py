@@ -17,6 +17,13 @@ path under the dataset's image root) gets the dataset's image id and category id
 file equals ``COCOEvaluator``'s for those images and can be scored against the dataset. Other
 inputs and video frames get ids of predict's own, which ``images.json`` and the log say.
 
+With ``TEST.AUG.ENABLED True`` (a trailing override), the model runs with test-time
+augmentation, wrapped in :class:`FocalRetinaNetWithTTA` exactly as ``train_net.py``'s
+``Trainer.test_with_TTA`` wraps it (``TEST.AUG.MIN_SIZES``, ``MAX_SIZE``, ``FLIP``): the results
+file then equals the evaluator's ``inference_TTA/`` results, and the log and ``images.json``
+(``"test_augmentation"``) say so. Each test-time key is checked against the path that runs
+(:meth:`PostProcessing.check`, "eager" or "tta") before any image is read.
+
 Up to ``--batch-size`` consecutive inputs run as one batch when they pad to the same size
 (padding a smaller image to a larger one's size would change its detections). The evaluator runs
 one image at a time; on CPU, oneDNN's convolutions round differently for a batch of two than for
@@ -27,9 +34,10 @@ cannot write, e.g. ``.jfif``, ``.tga`` or none, logged), one annotated ``.mp4`` 
 ``coco_instances_results.json`` (COCO results: image_id, category_id, XYWH bbox, score) and
 ``images.json`` (COCO ``images`` with the id, ``id_from`` (the dataset's name, or "predict"),
 file name, size and, for video frames, the frame index of each input; ``categories`` and
-``categories_from``). Both JSON files are written however the run ends (an error, Ctrl-C, a
-SIGTERM), with every image processed until then. Inputs that cannot be read are logged by name
-and skipped; the exit code is then 1.
+``categories_from``; ``test_augmentation``: null, or the ``TEST.AUG`` sizes and flip used).
+Both JSON files are written however the run ends (an error, Ctrl-C, a SIGTERM), with every image
+processed until then. Inputs that cannot be read are logged by name and skipped; the exit code is
+then 1.
 """
 
 import argparse
@@ -62,6 +70,8 @@ from ..data.mapper import (
     read_image,
 )
 from ..evaluation.results import instances_to_coco_results
+from ..postprocess import PostProcessing
+from ..test_time_augmentation import FocalRetinaNetWithTTA
 from ..visualize import draw_detections
 from .model_setup import (
     Categories,
@@ -197,14 +207,20 @@ def read_video(path: str, image_format: str) -> Iterator[np.ndarray]:
 
 
 class Predictor:
-    """Batches :class:`Frame` s of equal padded size and runs the model on them."""
+    """Batches :class:`Frame` s of equal padded size and runs the model on them.
 
-    def __init__(self, model, batch_size: int):
+    Args:
+        model: the detector, or its :class:`FocalRetinaNetWithTTA` wrapper.
+        batch_size (int): frames per call of ``model``.
+        size_divisibility (int): the backbone's; frames that pad to the same size batch.
+    """
+
+    def __init__(self, model, batch_size: int, size_divisibility: int):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.model = model
         self.batch_size = batch_size
-        self.size_divisibility = max(1, model.backbone.size_divisibility)
+        self.size_divisibility = max(1, size_divisibility)
         self._pending: List[Frame] = []
 
     def _padded_size(self, tensor: torch.Tensor) -> Tuple[int, int]:
@@ -274,11 +290,17 @@ class Writer:
     """Drawn images, annotated videos and the two JSON files."""
 
     def __init__(
-        self, out_dir: str, image_format: str, categories: Categories, draw_thresh: float
+        self,
+        out_dir: str,
+        image_format: str,
+        categories: Categories,
+        draw_thresh: float,
+        test_augmentation: Optional[Dict[str, Any]] = None,
     ):
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.image_format = out_dir, image_format
         self.categories = categories
+        self.test_augmentation = test_augmentation
         self._category_ids = dict(enumerate(categories.ids))
         self.draw_thresh = draw_thresh
         self.results: List[Dict[str, Any]] = []
@@ -358,6 +380,7 @@ class Writer:
             "images": self.images,
             "categories": categories,
             "categories_from": self.categories.dataset,
+            "test_augmentation": self.test_augmentation,
         }
         results_path = os.path.join(self.out_dir, RESULTS_FILE)
         images_path = os.path.join(self.out_dir, IMAGES_FILE)
@@ -433,6 +456,35 @@ def _log_image_ids(images: Sequence[Dict[str, Any]], dataset: Optional[str]) -> 
     )
 
 
+def evaluation_model(cfg, model) -> Tuple[torch.nn.Module, Optional[Dict[str, Any]]]:
+    """The model as ``train_net.py`` evaluates it: itself, or with ``TEST.AUG.ENABLED`` wrapped
+    in :class:`FocalRetinaNetWithTTA` as ``Trainer.test_with_TTA`` wraps it.
+
+    Raises:
+        UnsupportedKeyError: a test-time key that the path (eager or TTA) cannot honour, named
+            with the override that runs without it (:meth:`PostProcessing.check`).
+
+    Returns:
+        The model to run, and for ``images.json`` the augmentation (None without).
+    """
+    if not cfg.TEST.AUG.ENABLED:
+        PostProcessing.from_config(cfg).check("eager")
+        return model, None
+    PostProcessing.from_config(cfg).check("tta")
+    augmentation = {
+        "min_sizes": list(cfg.TEST.AUG.MIN_SIZES),
+        "max_size": cfg.TEST.AUG.MAX_SIZE,
+        "flip": cfg.TEST.AUG.FLIP,
+    }
+    logger.info(
+        "TEST.AUG.ENABLED: test-time augmentation (shortest edges %s, max size %d, flip %s; "
+        "FocalRetinaNetWithTTA as train_net.py's Trainer.test_with_TTA), so the results are "
+        "those of the evaluator's inference_TTA/, not inference/",
+        augmentation["min_sizes"], augmentation["max_size"], augmentation["flip"],
+    )
+    return FocalRetinaNetWithTTA(cfg, model), augmentation
+
+
 def predict(
     cfg,
     model,
@@ -444,13 +496,21 @@ def predict(
 ) -> Tuple[List[str], Dict[str, Any]]:
     """Run ``model`` on every file of ``inputs`` and write the outputs to ``out_dir``.
 
-    The JSON files are written however this returns or raises, with every image done by then.
+    ``model`` runs as the evaluator runs it (:func:`evaluation_model`: with ``TEST.AUG.ENABLED``,
+    with test-time augmentation). The JSON files are written however this returns or raises,
+    with every image done by then.
+
+    Raises:
+        UnsupportedKeyError: before any input is read, for a test-time key the path cannot
+            honour.
 
     Returns:
         list[str]: inputs that could not be read (patterns matching nothing, unreadable images
         or videos), each already logged as an error; dict: a summary (``images``, ``detections``,
         ``images_per_s``, ``results_file``, ``images_file``).
     """
+    size_divisibility = model.backbone.size_divisibility
+    model, test_augmentation = evaluation_model(cfg, model)
     files, failed = expand_inputs(inputs)
     for pattern in failed:
         logger.error("no such file, folder or glob match: %s", pattern)
@@ -459,9 +519,9 @@ def predict(
         categories = dataset_categories(cfg)
     else:
         categories = dataset_classes(dataset, cfg.MODEL.RETINANET.NUM_CLASSES)
-    writer = Writer(out_dir, cfg.INPUT.FORMAT, categories, draw_thresh)
-    predictor = Predictor(model, batch_size)
-    if batch_size > 1:
+    writer = Writer(out_dir, cfg.INPUT.FORMAT, categories, draw_thresh, test_augmentation)
+    predictor = Predictor(model, batch_size, size_divisibility)
+    if batch_size > 1 and test_augmentation is None:
         logger.info(
             "--batch-size %d: the evaluator runs one image at a time; batched convolutions may "
             "round differently, so scores and boxes may differ from COCOEvaluator's in the last "
