@@ -16,6 +16,7 @@ Shape shorthand:
     C: (image, anchor, class) candidates that pass the score threshold
 """
 
+import inspect
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,7 +36,7 @@ from detectron2.utils.events import get_event_storage
 from .box_regression import check_box_reg_loss_type, dense_box_reg_loss
 from .head import build_retinanet_head, head_input_shapes
 from .loss_normalizer import LossNormalizer, build_loss_normalizer
-from .losses import build_cls_loss
+from .losses import CLS_LOSS_REGISTRY, SigmoidFocalLoss, build_cls_loss
 from .matching import build_anchor_matcher, check_gt_classes
 from .postprocess import (
     NMS_TYPES,
@@ -44,8 +45,61 @@ from .postprocess import (
     find_candidates,
     select_detections,
 )
+from .registry import get_registered
 
-__all__ = ["FocalRetinaNet", "build_anchor_matcher", "check_gt_classes"]
+__all__ = ["FocalRetinaNet", "build_anchor_matcher", "check_gt_classes", "resolve_cls_loss"]
+
+# detectron2's RetinaNet defaults of focal_loss_alpha / focal_loss_gamma (the paper's, Eq. 5).
+FOCAL_LOSS_ALPHA = 0.25
+FOCAL_LOSS_GAMMA = 2.0
+
+
+def resolve_cls_loss(
+    cls_loss: Union[nn.Module, str, None],
+    *,
+    focal_loss_alpha: float = FOCAL_LOSS_ALPHA,
+    focal_loss_gamma: float = FOCAL_LOSS_GAMMA,
+) -> nn.Module:
+    """The classification loss a model built from keyword arguments (a lazy config) asks for.
+
+    detectron2's ``RetinaNet`` takes ``focal_loss_alpha`` / ``focal_loss_gamma`` and hard-codes
+    the sigmoid focal loss; this plugin also takes the loss itself. Every combination either
+    means one loss or is refused, so no value is silently unused:
+
+    - None: :class:`SigmoidFocalLoss` with the two values (detectron2's loss);
+    - a ``CLS_LOSS_REGISTRY`` name: that class, given ``alpha`` / ``gamma`` from the two values
+      where its constructor takes them (as ``MODEL.RETINANET.FOCAL_LOSS_*`` feed
+      ``MODEL.RETINANET.CLS_LOSS`` on the YAML path); a value other than the default that it
+      does not take raises;
+    - an ``nn.Module``: used as is, its hyperparameters set on it; both values must then be
+      their defaults.
+
+    Raises:
+        ValueError (UnknownNameError for an unregistered name): see above.
+    """
+    given = {"alpha": focal_loss_alpha, "gamma": focal_loss_gamma}
+    defaults = {"alpha": FOCAL_LOSS_ALPHA, "gamma": FOCAL_LOSS_GAMMA}
+    changed = {k: v for k, v in given.items() if v != defaults[k]}
+    if cls_loss is None:
+        return SigmoidFocalLoss(**given)
+    if isinstance(cls_loss, str):
+        loss_class = get_registered(CLS_LOSS_REGISTRY, cls_loss, "cls_loss")
+        takes = inspect.signature(loss_class.__init__).parameters
+        unused = sorted(f"focal_loss_{k} = {v}" for k, v in changed.items() if k not in takes)
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} is not used by cls_loss = {cls_loss!r}; leave it at its "
+                f"default or choose a loss that takes it"
+            )
+        return loss_class(**{k: v for k, v in given.items() if k in takes})
+    if changed:
+        raise ValueError(
+            f"{', '.join(f'focal_loss_{k} = {v}' for k, v in changed.items())} would be ignored: "
+            f"cls_loss is given as an object ({type(cls_loss).__name__}); set the value on it "
+            "(e.g. L(SigmoidFocalLoss)(alpha=..., gamma=...)) and leave focal_loss_* at their "
+            "defaults"
+        )
+    return cls_loss
 
 
 def _describe_input(index: int, inputs: Dict[str, Any]) -> str:
@@ -95,22 +149,25 @@ class FocalRetinaNet(DenseDetector):
         self,
         backbone: Backbone,
         head: nn.Module,
-        cls_loss: nn.Module,
         anchor_generator: nn.Module,
         box2box_transform: Box2BoxTransform,
         anchor_matcher: Matcher,
+        cls_loss: Union[nn.Module, str, None] = None,
         *,
         num_classes: int,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         head_in_features: Optional[Sequence[str]] = None,
+        focal_loss_alpha: float = FOCAL_LOSS_ALPHA,
+        focal_loss_gamma: float = FOCAL_LOSS_GAMMA,
         loss_normalizer: Optional[LossNormalizer] = None,
         box_reg_loss_type: str = "smooth_l1",
-        smooth_l1_beta: float = 0.1,
+        smooth_l1_beta: float = 0.0,
         test_score_thresh: float = 0.05,
         test_topk_candidates: int = 1000,
         test_nms_thresh: float = 0.5,
         max_detections_per_image: int = 100,
+        vis_period: int = 0,
         input_format: str = "BGR",
         test_score_thresh_per_class: Optional[Sequence[float]] = None,
         nms_type: str = "hard",
@@ -121,30 +178,44 @@ class FocalRetinaNet(DenseDetector):
         crowd_ioa_thresh: Optional[float] = None,
     ):
         """
+        Every keyword argument of detectron2's ``RetinaNet`` is accepted with its meaning and
+        default, so ``_target_`` of detectron2's lazy RetinaNet can name this class (see
+        configs/*.py); the others are this plugin's.
+
         Args:
             backbone (Backbone): feature extractor, detectron2's backbone interface.
             head (nn.Module): maps the L feature maps to per-level (N, A*K, Hi, Wi) logits and
-                (N, A*4, Hi, Wi) deltas (see ``RETINANET_HEAD_REGISTRY``).
-            cls_loss (nn.Module): ``cls_loss(logits (N, R, K), labels (N, R), anchors=(R, 4))``
-                returning the summed, unnormalised classification loss; labels are -1 (ignore),
-                K (background) or a class index (see ``CLS_LOSS_REGISTRY``).
+                (N, A*4, Hi, Wi) deltas (see ``RETINANET_HEAD_REGISTRY``; detectron2's
+                ``RetinaNetHead`` fits too).
             anchor_generator (nn.Module): makes the A anchors per location of each level.
             box2box_transform (Box2BoxTransform): the box delta parameterisation.
             anchor_matcher (Matcher): labels anchors by IoU with the ground truth.
+            cls_loss (nn.Module or str, optional): the classification loss,
+                ``cls_loss(logits (N, R, K), labels (N, R), anchors=(R, 4))`` returning the
+                summed, unnormalised loss; labels are -1 (ignore), K (background) or a class
+                index (see ``CLS_LOSS_REGISTRY``). A string names a ``CLS_LOSS_REGISTRY`` entry,
+                built with ``focal_loss_alpha`` / ``focal_loss_gamma`` as its alpha / gamma where
+                it takes them; None is detectron2's loss, the sigmoid focal loss (Eq. 5) with
+                those two. See :func:`resolve_cls_loss`.
             num_classes (int): K.
             pixel_mean, pixel_std: see :class:`DenseDetector`.
             head_in_features (Sequence[str], optional): backbone outputs the head runs on;
                 default all, from high to low resolution.
+            focal_loss_alpha (float): alpha of Eq. 5 (0.25), for a loss built here (``cls_loss``
+                None or a name); with a loss object it must stay at its default.
+            focal_loss_gamma (float): gamma of Eq. 5 (2.0), likewise.
             loss_normalizer (LossNormalizer, optional): divisor of both losses; default
                 detectron2's EMA (momentum 0.9, starting at 100).
             box_reg_loss_type (str): "smooth_l1" (the paper), "l1", "giou", "diou" or "ciou".
-            smooth_l1_beta (float): beta of smooth L1.
+            smooth_l1_beta (float): beta of smooth L1; 0 (detectron2's default) is L1.
             test_score_thresh (float): only candidates with score > this are kept (0.05 in the
                 paper).
             test_topk_candidates (int): at most this many candidates per level and image go to
                 NMS (1000 in the paper).
             test_nms_thresh (float): IoU threshold of the per-class NMS (0.5).
             max_detections_per_image (int): detections kept per image after NMS (100).
+            vis_period (int): kept as detectron2's ``RetinaNet`` keeps it; neither model reads
+                it (the plugin's trainer draws detections with a hook).
             input_format (str): channel order of input images, for visualisation.
             test_score_thresh_per_class (Sequence[float], optional): K score thresholds, one per
                 class, replacing ``test_score_thresh``.
@@ -168,7 +239,9 @@ class FocalRetinaNet(DenseDetector):
             pixel_std=pixel_std,
         )
         self.num_classes = num_classes
-        self.cls_loss = cls_loss
+        self.cls_loss = resolve_cls_loss(
+            cls_loss, focal_loss_alpha=focal_loss_alpha, focal_loss_gamma=focal_loss_gamma
+        )
         self.anchor_generator = anchor_generator
         self.box2box_transform = box2box_transform
         self.anchor_matcher = anchor_matcher
@@ -179,6 +252,7 @@ class FocalRetinaNet(DenseDetector):
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
+        self.vis_period = vis_period
         self.input_format = input_format
         if nms_type not in NMS_TYPES:
             raise ValueError(f"nms_type must be one of {NMS_TYPES}, got {nms_type!r}")
@@ -302,8 +376,8 @@ class FocalRetinaNet(DenseDetector):
             anchors (Boxes): (R, 4) anchors of all levels, shared by the images.
             gt_instances (list[Instances]): N ground truths with ``gt_boxes`` and ``gt_classes``;
                 an optional bool ``gt_is_crowd`` marks crowd regions (kept by
-                :class:`RobustDatasetMapper` with ``keep_crowd``), which are never matched, and whose background
-                anchors become ignored when ``crowd_ioa_thresh`` is set.
+                :class:`RobustDatasetMapper` with ``keep_crowd``), which are never matched, and
+                whose background anchors become ignored when ``crowd_ioa_thresh`` is set.
 
         Returns:
             Tensor: (N, R) int64 labels: -1 ignore, K background, else the matched class.

@@ -35,6 +35,7 @@ from .head import FocalRetinaNetHead, build_retinanet_head, head_input_shapes
 from .loss_normalizer import LossNormalizer, build_loss_normalizer
 from .losses import build_cls_loss
 from .matching import build_anchor_matcher
+from .meta_arch import FOCAL_LOSS_ALPHA, FOCAL_LOSS_GAMMA, resolve_cls_loss
 
 __all__ = ["FocalRPN"]
 
@@ -58,10 +59,10 @@ class FocalRPN(RPN):
         self,
         in_features: Sequence[str],
         head: nn.Module,
-        cls_loss: nn.Module,
         anchor_generator: nn.Module,
         anchor_matcher: Matcher,
         box2box_transform: Box2BoxTransform,
+        cls_loss: Union[nn.Module, str, None] = None,
         *,
         pre_nms_topk: Tuple[int, int],
         post_nms_topk: Tuple[int, int],
@@ -71,23 +72,53 @@ class FocalRPN(RPN):
         loss_weight: Union[float, Dict[str, float]] = 1.0,
         box_reg_loss_type: str = "smooth_l1",
         smooth_l1_beta: float = 0.0,
+        focal_loss_alpha: float = FOCAL_LOSS_ALPHA,
+        focal_loss_gamma: float = FOCAL_LOSS_GAMMA,
         loss_normalizer: Optional[LossNormalizer] = None,
+        batch_size_per_image: Optional[int] = None,
+        positive_fraction: Optional[float] = None,
     ):
         """
+        The keyword arguments of detectron2's :class:`RPN` keep their meaning, except the anchor
+        sampler's, which FocalRPN has not (see ``batch_size_per_image``).
+
         Args:
             in_features (Sequence[str]): backbone outputs the RPN runs on.
-            head (nn.Module): a ``RETINANET_HEAD_REGISTRY`` head built with one class: per level
-                (N, A, Hi, Wi) objectness logits and (N, A*4, Hi, Wi) deltas.
-            cls_loss (nn.Module): a ``CLS_LOSS_REGISTRY`` loss, called with K = 1.
+            head (nn.Module): a ``RETINANET_HEAD_REGISTRY`` head built with one class (e.g.
+                ``FocalRetinaNetHead(num_classes=1)``): per level (N, A, Hi, Wi) objectness
+                logits and (N, A*4, Hi, Wi) deltas.
             anchor_generator, anchor_matcher, box2box_transform: as in :class:`RPN`.
+            cls_loss (nn.Module or str, optional): a ``CLS_LOSS_REGISTRY`` loss (object or name),
+                called with K = 1; None: the sigmoid focal loss with ``focal_loss_alpha`` /
+                ``focal_loss_gamma`` (see :func:`resolve_cls_loss`).
             pre_nms_topk, post_nms_topk (tuple[int, int]): (train, test) proposals kept per level
                 before NMS and per image after it.
             nms_thresh, min_box_size, anchor_boundary_thresh, loss_weight, smooth_l1_beta: as in
                 :class:`RPN`.
             box_reg_loss_type (str): "smooth_l1", "l1", "giou", "diou" or "ciou".
+            focal_loss_alpha, focal_loss_gamma (float): alpha and gamma of Eq. 5 for a loss built
+                here (``cls_loss`` None or a name).
             loss_normalizer (LossNormalizer, optional): divisor of both losses; default
                 detectron2's EMA of the foreground count.
+            batch_size_per_image, positive_fraction: :class:`RPN`'s anchor sampling, which focal
+                loss replaces (every anchor is trained, Sec. 3): accepted so that a detectron2
+                RPN config names them in the error, and refused unless None.
         """
+        sampler = {"batch_size_per_image": batch_size_per_image,
+                   "positive_fraction": positive_fraction}
+        given = sorted(k for k, v in sampler.items() if v is not None)
+        if given:
+            raise ValueError(
+                f"FocalRPN trains on every anchor with focal loss (Sec. 3), without RPN's anchor "
+                f"sampling: remove {' and '.join(given)} from its arguments"
+            )
+        if getattr(head, "num_classes", 1) != 1:
+            raise ValueError(
+                f"FocalRPN's head predicts one objectness score per anchor: build it with "
+                f"num_classes=1, got {head.num_classes}"
+            )
+        if isinstance(head, FocalRetinaNetHead):
+            head.num_classes_key = None  # K = 1 whatever the config says
         super().__init__(
             in_features=list(in_features),
             head=head,
@@ -106,7 +137,9 @@ class FocalRPN(RPN):
             box_reg_loss_type=check_box_reg_loss_type(box_reg_loss_type),
             smooth_l1_beta=smooth_l1_beta,
         )
-        self.cls_loss = cls_loss
+        self.cls_loss = resolve_cls_loss(
+            cls_loss, focal_loss_alpha=focal_loss_alpha, focal_loss_gamma=focal_loss_gamma
+        )
         self.loss_normalizer = loss_normalizer if loss_normalizer is not None else LossNormalizer()
 
     @classmethod
@@ -128,12 +161,9 @@ class FocalRPN(RPN):
         one_class = cfg.clone()
         one_class.defrost()
         one_class.MODEL.RETINANET.NUM_CLASSES = 1
-        head = build_retinanet_head(one_class, shapes)
-        if isinstance(head, FocalRetinaNetHead):
-            head.num_classes_key = None  # K = 1 whatever the config says
         return {
             "in_features": rpn.IN_FEATURES,
-            "head": head,
+            "head": build_retinanet_head(one_class, shapes),
             "cls_loss": build_cls_loss(one_class),
             "anchor_generator": build_anchor_generator(cfg, shapes),
             "anchor_matcher": build_anchor_matcher(

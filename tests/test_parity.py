@@ -30,8 +30,15 @@ def _cfg():
 def models():
     cfg = _cfg()
     torch.manual_seed(0)
-    theirs = RetinaNet(cfg)
-    ours = FocalRetinaNet(cfg)
+    return calibrated_pair(RetinaNet(cfg), FocalRetinaNet(cfg))
+
+
+def calibrated_pair(theirs, ours):
+    """``ours`` with the weights of ``theirs``, both with trained-like head outputs.
+
+    Shared with tests/test_lazy_parity.py, which builds the two models from detectron2's lazy
+    config instead of its YAML config.
+    """
     incompatible = ours.load_state_dict(theirs.state_dict(), strict=True)
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     with torch.no_grad():
@@ -79,7 +86,11 @@ def test_state_dicts_have_the_same_keys(models):
 
 def test_detections_equal_detectron2(models):
     """A batch of two images of different sizes (both padded to 320x480)."""
-    theirs, ours = models
+    check_detections_equal(*models)
+
+
+def check_detections_equal(theirs, ours):
+    """Both models' detections of :data:`IMAGE_SIZES` random images are the same."""
     theirs.eval()
     ours.eval()
     inputs = _images(seed=2)
@@ -93,7 +104,12 @@ def test_detections_equal_detectron2(models):
 def test_detections_equal_detectron2_when_topk_binds(models):
     """Per-level top-k must select the same candidates when far more than k pass the threshold
     (one image: the single-image path)."""
-    theirs, ours = models
+    check_detections_equal_when_topk_binds(*models)
+
+
+def check_detections_equal_when_topk_binds(theirs, ours):
+    """As :func:`check_detections_equal`, on a 320x480 image whose P3 alone has over ten times
+    ``test_topk_candidates`` scores above the threshold."""
     ours.eval()
     theirs.eval()
     inputs = _images(seed=3, sizes=IMAGE_SIZES[1:])
@@ -103,7 +119,8 @@ def test_detections_equal_detectron2_when_topk_binds(models):
         features = [features[f] for f in ours.head_in_features]
         logits, deltas = ours.head(features)
     thresh = math.log(0.05 / 0.95)
-    # P3 of the 320x480 image: 40 x 60 locations x 9 anchors x 80 classes = 1.7M scores.
+    # P3 of the 320x480 image: 40 x 60 locations x 9 anchors x K classes (1.7M scores for
+    # K = 80); with the calibrated bias most of them pass.
     assert (logits[0][0] > thresh).sum() > 10 * ours.test_topk_candidates
     logits_before = [x.clone() for x in logits]
     ours_det = ours.forward_inference(images, features, (logits, deltas))
@@ -125,7 +142,13 @@ def _gt(image_size, boxes, classes):
 
 
 def test_training_losses_and_head_gradients_equal_detectron2(models):
-    theirs, ours = models
+    check_training_equal(*models)
+
+
+def check_training_equal(theirs, ours, parameters=("head",)):
+    """Losses of a two-image batch, and the gradients of the ``parameters`` submodules, are the
+    same; returns their largest differences (absolute for losses, relative to the largest
+    gradient element of each tensor for gradients)."""
     sizes = [(128, 150), (160, 192)]  # smaller than the eval sizes: backward is the slow part
     inputs = _images(seed=4, sizes=sizes)
     inputs[0]["instances"] = _gt(sizes[0], [[10, 20, 100, 110], [60, 40, 140, 120]], [3, 7])
@@ -141,15 +164,25 @@ def test_training_losses_and_head_gradients_equal_detectron2(models):
         with EventStorage():
             losses = model([dict(x) for x in inputs])
             sum(losses.values()).backward()
-        grads = {n: p.grad.clone() for n, p in model.head.named_parameters()}
+        grads = {
+            f"{m}.{n}": p.grad.clone()
+            for m in parameters
+            for n, p in getattr(model, m).named_parameters()
+            if p.grad is not None
+        }
         results.append((losses, grads))
     (theirs_losses, theirs_grads), (ours_losses, ours_grads) = results
     assert ours_losses.keys() == theirs_losses.keys() == {"loss_cls", "loss_box_reg"}
+    differences = {}
     for key in theirs_losses:
         expected = theirs_losses[key].item()
         assert expected > 0
-        assert abs(ours_losses[key].item() - expected) <= 1e-5 * abs(expected), key
+        differences[key] = abs(ours_losses[key].item() - expected)
+        assert differences[key] <= 1e-5 * abs(expected), key
+    assert ours_grads.keys() == theirs_grads.keys() and theirs_grads
     for name, expected in theirs_grads.items():
         scale = expected.abs().max()
         torch.testing.assert_close(ours_grads[name], expected, rtol=1e-4, atol=1e-5 * scale)
+        differences[name] = ((ours_grads[name] - expected).abs().max() / scale).item()
+    return differences
 

@@ -1,0 +1,28 @@
+"""What the plugin's Python (lazy) configs call, besides the model classes themselves.
+
+detectron2's LazyConfig files build every object from keyword arguments (``LazyCall``); the
+plugin's models take them directly (``FocalRetinaNet``, ``FocalRetinaNetHead``, ``FocalRPN``,
+the losses). This package holds the few pieces whose YAML builder reads a ``CfgNode`` and so has
+no keyword form yet, each sharing the YAML path's code:
+
+- :func:`mobilenet_v2_features`: the bottom-up network of ``build_mobilenet_v2_fpn_backbone``;
+- :func:`coco_instances`, :func:`register_datasets`, :func:`dataset_config`: datasets named by
+  path (``DATASETS.COCO_INSTANCES``), registered and checked by
+  :mod:`retinanet_plugin.data.registration`;
+- :func:`clipped_optimizer`: ``SOLVER.CLIP_GRADIENTS`` through detectron2's own
+  ``maybe_add_gradient_clipping``.
+
+A ``.py`` config is a Python program: loading one runs its code (see docs/lazy_configs.md).
+"""
+
+from .backbone import mobilenet_v2_features
+from .datasets import coco_instances, dataset_config, register_datasets
+from .optim import clipped_optimizer
+
+__all__ = [
+    "clipped_optimizer",
+    "coco_instances",
+    "dataset_config",
+    "mobilenet_v2_features",
+    "register_datasets",
+]
