@@ -2,9 +2,10 @@
 
 It computes what detectron2's ``RetinaNet`` computes (same weights give the same losses and
 detections) but takes its classification loss from ``CLS_LOSS_REGISTRY``, its head from
-``RETINANET_HEAD_REGISTRY``, and its post-processing from ``postprocess.py`` (one description of
-the test-time keys, shared with TTA and export; candidates found in logit space without a Python
-loop over images and levels of full-size tensors).
+``RETINANET_HEAD_REGISTRY``, its training targets (anchor labels, foreground count) from
+``anchor_labels.py``, and its post-processing from ``postprocess.py`` (one description of the
+test-time keys, shared with TTA and export; candidates found in logit space without a Python loop
+over images and levels of full-size tensors).
 
 Shape shorthand:
     N: images in the minibatch
@@ -16,10 +17,8 @@ Shape shorthand:
     C: (image, anchor, class) candidates that pass the score threshold
 """
 
-import inspect
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor, nn
 
 from detectron2.config import configurable
@@ -30,13 +29,20 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
-from detectron2.structures import Boxes, ImageList, Instances, pairwise_ioa, pairwise_iou
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
+from .anchor_labels import (
+    check_input_classes,
+    count_foreground,
+    crowd_ioa_thresh_from_config,
+    label_anchors,
+)
 from .box_regression import check_box_reg_loss_type, dense_box_reg_loss
 from .head import build_retinanet_head, head_input_shapes
 from .loss_normalizer import LossNormalizer, build_loss_normalizer
-from .losses import CLS_LOSS_REGISTRY, SigmoidFocalLoss, build_cls_loss
+from .losses import build_cls_loss
+from .losses.resolve import FOCAL_LOSS_ALPHA, FOCAL_LOSS_GAMMA, resolve_cls_loss
 from .matching import build_anchor_matcher, check_gt_classes
 from .postprocess import (
     NMS_TYPES,
@@ -45,76 +51,8 @@ from .postprocess import (
     find_candidates,
     select_detections,
 )
-from .registry import get_registered
 
 __all__ = ["FocalRetinaNet", "build_anchor_matcher", "check_gt_classes", "resolve_cls_loss"]
-
-# detectron2's RetinaNet defaults of focal_loss_alpha / focal_loss_gamma (the paper's, Eq. 5).
-FOCAL_LOSS_ALPHA = 0.25
-FOCAL_LOSS_GAMMA = 2.0
-
-
-def resolve_cls_loss(
-    cls_loss: Union[nn.Module, str, None],
-    *,
-    focal_loss_alpha: float = FOCAL_LOSS_ALPHA,
-    focal_loss_gamma: float = FOCAL_LOSS_GAMMA,
-) -> nn.Module:
-    """The classification loss a model built from keyword arguments (a lazy config) asks for.
-
-    detectron2's ``RetinaNet`` takes ``focal_loss_alpha`` / ``focal_loss_gamma`` and hard-codes
-    the sigmoid focal loss; this plugin also takes the loss itself. Every combination either
-    means one loss or is refused, so no value is silently unused:
-
-    - None: :class:`SigmoidFocalLoss` with the two values (detectron2's loss);
-    - a ``CLS_LOSS_REGISTRY`` name: that class, given ``alpha`` / ``gamma`` from the two values
-      where its constructor takes them (as ``MODEL.RETINANET.FOCAL_LOSS_*`` feed
-      ``MODEL.RETINANET.CLS_LOSS`` on the YAML path); a value other than the default that it
-      does not take raises;
-    - an ``nn.Module``: used as is, its hyperparameters set on it; both values must then be
-      their defaults.
-
-    Raises:
-        ValueError (UnknownNameError for an unregistered name): see above.
-    """
-    given = {"alpha": focal_loss_alpha, "gamma": focal_loss_gamma}
-    defaults = {"alpha": FOCAL_LOSS_ALPHA, "gamma": FOCAL_LOSS_GAMMA}
-    changed = {k: v for k, v in given.items() if v != defaults[k]}
-    if cls_loss is None:
-        return SigmoidFocalLoss(**given)
-    if isinstance(cls_loss, str):
-        loss_class = get_registered(CLS_LOSS_REGISTRY, cls_loss, "cls_loss")
-        takes = inspect.signature(loss_class.__init__).parameters
-        unused = sorted(f"focal_loss_{k} = {v}" for k, v in changed.items() if k not in takes)
-        if unused:
-            raise ValueError(
-                f"{', '.join(unused)} is not used by cls_loss = {cls_loss!r}; leave it at its "
-                f"default or choose a loss that takes it"
-            )
-        return loss_class(**{k: v for k, v in given.items() if k in takes})
-    if changed:
-        raise ValueError(
-            f"{', '.join(f'focal_loss_{k} = {v}' for k, v in changed.items())} would be ignored: "
-            f"cls_loss is given as an object ({type(cls_loss).__name__}); set the value on it "
-            "(e.g. L(SigmoidFocalLoss)(alpha=..., gamma=...)) and leave focal_loss_* at their "
-            "defaults"
-        )
-    return cls_loss
-
-
-def _describe_input(index: int, inputs: Dict[str, Any]) -> str:
-    fields = [f"{k} {inputs[k]!r}" for k in ("file_name", "image_id") if k in inputs]
-    return f"image {index} of the batch" + (f" ({', '.join(fields)})" if fields else "")
-
-
-def _crowd_option(rcfg) -> Optional[float]:
-    """``crowd_ioa_thresh`` from CROWD_IGNORE / CROWD_IOA_THRESH, checked, naming the key."""
-    if not 0 <= rcfg.CROWD_IOA_THRESH <= 1:
-        raise ValueError(
-            f"MODEL.RETINANET.CROWD_IOA_THRESH must be in [0, 1], got {rcfg.CROWD_IOA_THRESH}"
-        )
-    return rcfg.CROWD_IOA_THRESH if rcfg.CROWD_IGNORE else None
-
 
 def _postprocessing_arguments(pp: PostProcessing) -> Dict[str, Any]:
     """The constructor arguments of a :class:`PostProcessing` (the reverse of
@@ -275,7 +213,7 @@ class FocalRetinaNet(DenseDetector):
         anchor_matcher = build_anchor_matcher(
             rcfg.IOU_THRESHOLDS, rcfg.IOU_LABELS, rcfg.ALLOW_LOW_QUALITY_MATCHES
         )
-        crowd_ioa_thresh = _crowd_option(rcfg)
+        crowd_ioa_thresh = crowd_ioa_thresh_from_config(rcfg)
         box_reg_loss_type = check_box_reg_loss_type(
             rcfg.BBOX_REG_LOSS_TYPE, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE"
         )
@@ -329,22 +267,15 @@ class FocalRetinaNet(DenseDetector):
     # Training
     # ---------------------------------------------------------------------------------------
     def forward(self, batched_inputs: List[Dict[str, Any]]):
-        """:meth:`DenseDetector.forward`; in training, class ids on the host are checked first.
+        """:meth:`DenseDetector.forward`; in training, class ids on the host are checked first
+        (:func:`check_input_classes`).
 
         The mapper's ``instances`` are normally on the host, where the check costs no sync and
         the error can name the image's ``file_name`` / ``image_id``; ids already on an
         accelerator are checked in :meth:`losses`, within its existing host sync.
         """
         if self.training:
-            on_host = [
-                (i, x) for i, x in enumerate(batched_inputs)
-                if "instances" in x and x["instances"].gt_classes.device.type == "cpu"
-            ]  # fmt: skip
-            check_gt_classes(
-                [x["instances"].gt_classes for _, x in on_host],
-                self.num_classes,
-                [_describe_input(i, x) for i, x in on_host],
-            )
+            check_input_classes(batched_inputs, self.num_classes)
         return super().forward(batched_inputs)
 
     def forward_training(
@@ -366,49 +297,20 @@ class FocalRetinaNet(DenseDetector):
             gt_classes=[gt.gt_classes for gt in gt_instances],
         )
 
-    @torch.no_grad()
     def label_anchors(
         self, anchors: Boxes, gt_instances: List[Instances]
     ) -> Tuple[Tensor, Tensor]:
-        """Assign each anchor a class (or background / ignore) and a ground-truth box.
-
-        Args:
-            anchors (Boxes): (R, 4) anchors of all levels, shared by the images.
-            gt_instances (list[Instances]): N ground truths with ``gt_boxes`` and ``gt_classes``;
-                an optional bool ``gt_is_crowd`` marks crowd regions (kept by
-                :class:`RobustDatasetMapper` with ``keep_crowd``), which are never matched, and
-                whose background anchors become ignored when ``crowd_ioa_thresh`` is set.
+        """Each anchor's class (or background / ignore) and ground-truth box, with this model's
+        matcher, K and ``crowd_ioa_thresh`` (:func:`label_anchors`).
 
         Returns:
             Tensor: (N, R) int64 labels: -1 ignore, K background, else the matched class.
             Tensor: (N, R, 4) matched ground-truth box per anchor; meaningful only where the
             label is a class.
         """
-        labels, boxes = [], []
-        for gt in gt_instances:
-            crowd_boxes = None
-            if gt.has("gt_is_crowd"):
-                crowd_boxes = gt.gt_boxes[gt.gt_is_crowd]
-                gt = gt[~gt.gt_is_crowd]
-            labels_i, boxes_i = self._label_one_image(anchors, gt)
-            if self.crowd_ioa_thresh is not None and crowd_boxes is not None and len(crowd_boxes):
-                # Intersection over the anchor's area (as Detectron's CROWD_FILTER_THRESH): an
-                # anchor mostly inside a crowd region may cover an unlabelled object.
-                in_crowd = pairwise_ioa(crowd_boxes, anchors).amax(dim=0) > self.crowd_ioa_thresh
-                labels_i = labels_i.masked_fill(in_crowd & (labels_i == self.num_classes), -1)
-            labels.append(labels_i)
-            boxes.append(boxes_i)
-        return torch.stack(labels), torch.stack(boxes)
-
-    def _label_one_image(self, anchors: Boxes, gt: Instances) -> Tuple[Tensor, Tensor]:
-        """(R,) labels and (R, 4) matched boxes of one image's non-crowd ground truth."""
-        if len(gt) == 0:
-            background = torch.full_like(anchors.tensor[:, 0], self.num_classes)
-            return background.to(torch.int64), torch.zeros_like(anchors.tensor)
-        matched_idxs, match_labels = self.anchor_matcher(pairwise_iou(gt.gt_boxes, anchors))
-        labels = gt.gt_classes[matched_idxs]
-        labels = labels.masked_fill(match_labels == 0, self.num_classes)
-        return labels.masked_fill(match_labels == -1, -1), gt.gt_boxes.tensor[matched_idxs]
+        return label_anchors(
+            anchors, gt_instances, self.anchor_matcher, self.num_classes, self.crowd_ioa_thresh
+        )
 
     def losses(
         self,
@@ -440,20 +342,8 @@ class FocalRetinaNet(DenseDetector):
             normaliser (Sec. 3.3).
         """
         num_images = gt_labels.shape[0]
-        fg_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
-        # Host syncs of a step: this count (it feeds the Python-side normaliser and the event
-        # storage; detectron2's RetinaNet reads it too), the foreground indices of the box loss
-        # (detectron2 pays one for its boolean-mask indexing), and with LOSS_NORMALIZER "global"
-        # the all-reduced count. The class-id check is read with the count.
-        counts = [fg_mask.sum()]
-        if gt_classes is not None and len(gt_classes):
-            all_classes = cat(list(gt_classes))
-            counts.append(((all_classes < 0) | (all_classes >= self.num_classes)).sum())
-        counts = torch.stack(counts).tolist()
-        num_fg = counts[0]
-        if len(counts) > 1 and counts[1]:
-            names = [f"image {i} of the batch" for i in range(len(gt_classes))]
-            check_gt_classes(gt_classes, self.num_classes, names)
+        # The step's host sync (see count_foreground), with the class-id check riding on it.
+        fg_mask, num_fg = count_foreground(gt_labels, self.num_classes, gt_classes)
         get_event_storage().put_scalar("num_pos_anchors", num_fg / num_images)
         normalizer = self.loss_normalizer(num_fg, self.device)
 

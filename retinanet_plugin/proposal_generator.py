@@ -34,8 +34,8 @@ from .box_regression import check_box_reg_loss_type, dense_box_reg_loss
 from .head import FocalRetinaNetHead, build_retinanet_head, head_input_shapes
 from .loss_normalizer import LossNormalizer, build_loss_normalizer
 from .losses import build_cls_loss
+from .losses.resolve import FOCAL_LOSS_ALPHA, FOCAL_LOSS_GAMMA, resolve_cls_loss
 from .matching import build_anchor_matcher
-from .meta_arch import FOCAL_LOSS_ALPHA, FOCAL_LOSS_GAMMA, resolve_cls_loss
 
 __all__ = ["FocalRPN"]
 

@@ -21,10 +21,12 @@ from .focal import (
     sigmoid_focal_loss_star_reference,
     softmax_focal_loss,
 )
+from .resolve import resolve_cls_loss
 
 __all__ = [
     "CLS_LOSS_REGISTRY",
     "build_cls_loss",
+    "resolve_cls_loss",
     "AlphaBalancedCE",
     "OHEMLoss",
     "SigmoidFocalLoss",
