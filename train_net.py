@@ -11,12 +11,17 @@ Examples::
     # the CPU demo (see `make demo`), also with two processes on CPU: --num-gpus 2
     python train_net.py --config-file configs/demo_deepforest_mobilenet_v2_fpn.yaml
 
+    # a Python (lazy) config: the same plugin behaviour, detectron2's key=value overrides
+    python train_net.py --config-file configs/demo_deepforest_mobilenet_v2_fpn.py \
+        train.max_iter=100 --resume
+
 Datasets: the COCO JSON files listed in ``DATASETS.COCO_INSTANCES`` are registered in
 ``setup()`` (see ``configs/custom_coco_example.yaml``); the DeepForest datasets
 (``deepforest_tree_train`` / ``deepforest_tree_val``) are registered when the config names them,
 from ``$DETECTRON2_DATASETS/deepforest`` (default ``./datasets/deepforest``; prepare it with
 ``python -m retinanet_plugin.data.deepforest``). Every dataset the run uses is then checked
-(``DATASETS.CHECK``) before a model is built.
+(``DATASETS.CHECK``) before a model is built. A ``.py`` config names and registers its own
+(``dataloader.coco_instances``) and is trained by :mod:`retinanet_plugin.engine.lazy_train`.
 """
 
 import logging
@@ -24,12 +29,7 @@ import os
 from collections import OrderedDict
 
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import (
-    DefaultTrainer,
-    HookBase,
-    default_setup,
-    hooks,
-)
+from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -47,72 +47,26 @@ from retinanet_plugin.engine import (
     warn_on_schedule,
     wrap_ddp_on_cpu,
 )
+from retinanet_plugin.engine.lazy_train import lazy_main
+from retinanet_plugin.engine.predictions_picture import (
+    PREDICTIONS_PICTURE,  # noqa: F401  (the picture's name, re-exported)
+    PredictionsPicture,
+    results_version,
+    save_predictions_picture,
+    yacs_picture_files,
+)
 from retinanet_plugin.engine.resume import (
     build_resumable_train_loader,
     continue_data_stream,
     resume_checkpointables,
 )
 from retinanet_plugin.evaluation import build_coco_evaluator
+from retinanet_plugin.lazy import is_lazy_config, load_lazy_config
 from retinanet_plugin.test_time_augmentation import FocalRetinaNetWithTTA
-from retinanet_plugin.visualize import save_prediction_grid
-
-PREDICTIONS_PICTURE = "val_predictions.png"
 
 
 def _inference_dir(cfg, dataset_name, folder="inference"):
     return os.path.join(cfg.OUTPUT_DIR, folder, dataset_name)
-
-
-def _results_file(cfg):
-    """The detections COCOEvaluator saves for the first test set, or None without test sets."""
-    if not cfg.DATASETS.TEST:
-        return None
-    return os.path.join(_inference_dir(cfg, cfg.DATASETS.TEST[0]), "coco_instances_results.json")
-
-
-def results_version(cfg):
-    """Identifies the current results file (None if absent), to tell a rewrite from a stale one."""
-    path = _results_file(cfg)
-    if path is None or not os.path.isfile(path):
-        return None
-    stat = os.stat(path)
-    return stat.st_mtime_ns, stat.st_size
-
-
-def save_predictions_picture(cfg, stale_version=None):
-    """Draws the first test set's detections, saved by COCOEvaluator, with its ground truth.
-
-    Args:
-        stale_version: :func:`results_version` before this run evaluated; a results file still
-            at that version was left by an earlier run and is not drawn.
-    """
-    if not comm.is_main_process():
-        return
-    version = results_version(cfg)
-    if version is None or version == stale_version:
-        return
-    path = save_prediction_grid(
-        cfg.DATASETS.TEST[0], _results_file(cfg), os.path.join(cfg.OUTPUT_DIR, PREDICTIONS_PICTURE)
-    )
-    logging.getLogger("detectron2").info("Detections drawn in %s", path)
-
-
-class PredictionsPicture(HookBase):
-    """After a successful training and its final evaluation, draws the detections.
-
-    detectron2 calls ``after_train`` in a ``finally``, after a failed step too, and EvalHook's
-    final evaluation may not have run then; drawing would show the results file of an earlier run
-    in the same OUTPUT_DIR. So this draws only when every step ran (the trainer's ``iter`` reaches
-    ``max_iter`` only then) and the results file was rewritten since ``before_train``.
-    """
-
-    def before_train(self):
-        self._stale_version = results_version(self.trainer.cfg)
-
-    def after_train(self):
-        if self.trainer.iter < self.trainer.max_iter:
-            return
-        save_predictions_picture(self.trainer.cfg, self._stale_version)
 
 
 class Trainer(DefaultTrainer):
@@ -194,8 +148,11 @@ def _merged_cfg(args):
 
 
 def configured_device(args):
-    """MODEL.DEVICE of the config ``setup(args)`` builds; read before the processes start, as
-    it decides how they are joined (NCCL for CUDA, GLOO for CPU)."""
+    """MODEL.DEVICE (a .py config: train.device) of the config ``setup(args)`` builds; read
+    before the processes start, as it decides how they are joined (NCCL for CUDA, GLOO for
+    CPU)."""
+    if is_lazy_config(args.config_file):
+        return load_lazy_config(args.config_file, args.opts).train.device
     return _merged_cfg(args).MODEL.DEVICE
 
 
@@ -215,6 +172,9 @@ def setup(args):
 
 
 def main(args):
+    if is_lazy_config(args.config_file):
+        # A Python (lazy) config: the same plugin behaviour from its keys.
+        return lazy_main(args)
     cfg = setup(args)
 
     if args.eval_only:
@@ -222,13 +182,13 @@ def main(args):
         RetinaNetCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        stale_version = results_version(cfg)
+        stale_version = results_version(yacs_picture_files(cfg)[1])
         res = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
-        save_predictions_picture(cfg, stale_version)
+        save_predictions_picture(*yacs_picture_files(cfg), stale_version)
         return res
 
     trainer = Trainer(cfg)
@@ -240,5 +200,6 @@ if __name__ == "__main__":
     # Flags may also follow the KEY VALUE pairs ("... SOLVER.MAX_ITER 10 --resume").
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    # A dataset that fails its check ends the run with its problems, not a traceback.
-    run_main(main, args, device=configured_device(args))
+    # A dataset that fails its check ends the run with its problems, not a traceback (also
+    # while a .py config, which registers its datasets, is read for its device).
+    run_main(main, args, device=lambda: configured_device(args))

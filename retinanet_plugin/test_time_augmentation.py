@@ -35,7 +35,9 @@ class FocalRetinaNetWithTTA(nn.Module):
     """A :class:`FocalRetinaNet` with test-time augmentation; called like the model in eval mode.
 
     Args:
-        cfg (CfgNode): the config; ``TEST.AUG.*`` defines the augmentations.
+        cfg (CfgNode or None): the config; ``TEST.AUG.*`` defines the augmentations. None with
+            ``tta_mapper`` (a lazy config's ``L(DatasetMapperTTA)(min_sizes=..., max_size=...,
+            flip=...)``, instantiated).
         model (FocalRetinaNet): the detector (unwrapped from DistributedDataParallel if needed).
         tta_mapper (callable, optional): dataset dict -> list of augmented dataset dicts, each
             with a "transforms" entry mapping the original image to it. Default
@@ -54,6 +56,8 @@ class FocalRetinaNetWithTTA(nn.Module):
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if cfg is None and tta_mapper is None:
+            raise ValueError("FocalRetinaNetWithTTA needs a cfg (TEST.AUG.*) or a tta_mapper")
         self.model = model
         # The model's mode, not nn.Module's default (training): detectron2's
         # inference_on_dataset puts the wrapper in eval mode and afterwards back in its mode, which

@@ -17,7 +17,7 @@ import argparse
 import functools
 import sys
 import traceback
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from torch.multiprocessing import ProcessRaisedException
 
@@ -60,7 +60,9 @@ class ArgumentParser(argparse.ArgumentParser):
             namespace, more = super().parse_known_args(flags, namespace)
             extras += more
         namespace.opts = opts
-        if len(opts) % 2:
+        # A Python (lazy) config takes key=value words, not KEY VALUE pairs.
+        lazy = str(getattr(namespace, "config_file", "")).endswith(".py")
+        if len(opts) % 2 and not lazy:
             self.error(self._odd_opts_message(opts))
         return namespace, extras
 
@@ -151,7 +153,7 @@ def run_main(
     main_func: Callable[[argparse.Namespace], Any],
     args: argparse.Namespace,
     *,
-    device: Optional[str] = None,
+    device: Union[str, Callable[[], str], None] = None,
 ) -> None:
     """Runs ``main_func(args)`` in the processes ``args`` asks for (see :func:`launch`).
 
@@ -160,7 +162,10 @@ def run_main(
             processes.
         args: from :func:`argument_parser` (``num_gpus``, ``num_machines``, ``machine_rank``,
             ``dist_url``).
-        device: the configured ``MODEL.DEVICE``, which picks the processes' backend.
+        device: the configured ``MODEL.DEVICE``, which picks the processes' backend, or a
+            function that reads it from the config (a data error raised while reading it, as
+            a ``.py`` config registers its datasets when loaded, ends the run as one raised in
+            ``main_func``).
 
     Raises:
         SystemExit: status 1, when the data failed its check (see
@@ -168,6 +173,8 @@ def run_main(
             last lines on stderr, without a traceback. Any other error propagates as it is.
     """
     try:
+        if callable(device):
+            device = _main_checked(device)
         launch(
             functools.partial(_main_checked, main_func),
             args.num_gpus,

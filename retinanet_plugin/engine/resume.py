@@ -36,6 +36,7 @@ __all__ = [
     "build_resumable_train_loader",
     "continue_data_stream",
     "missing_trainer_state",
+    "resumable_train_loader",
     "resume_checkpointables",
 ]
 
@@ -54,8 +55,32 @@ def build_resumable_train_loader(cfg: CfgNode, mapper: Optional[Any] = None):
     Returns:
         the loader, with the sampler as ``loader.resumable_sampler`` (None for other samplers).
     """
-    kwargs = _train_loader_from_config(cfg, mapper)
+    return resumable_train_loader(
+        _train_loader_from_config(cfg, mapper),
+        per_image_seed=cfg.DATALOADER.PER_IMAGE_SEED,
+        # detectron2 0.6 draws a random shuffle seed when SEED < 0; upstream uses SEED.
+        seed_fixed=cfg.SEED >= 0,
+    )
+
+
+def resumable_train_loader(
+    kwargs: Dict[str, Any], *, per_image_seed: bool = False, seed_fixed: bool = True
+):
+    """``build_detection_train_loader(**kwargs)`` with a :class:`ResumableTrainingSampler` in
+    place of a ``TrainingSampler`` (the YAML and the lazy path's loaders alike).
+
+    Args:
+        kwargs: ``build_detection_train_loader``'s arguments, all given (``dataset`` a list of
+            dataset dicts, ``sampler`` included).
+        per_image_seed (bool): see :class:`ResumableTrainingSampler`.
+        seed_fixed (bool): whether a new run of the config shuffles with the same seed.
+
+    Returns:
+        the loader, with the sampler as ``loader.resumable_sampler`` (None for other samplers).
+    """
+    kwargs = dict(kwargs)
     dataset_dicts = kwargs["dataset"]
+    mapper = kwargs["mapper"]
     # Serialised once (as detectron2 does) and shared with the forked workers; a mapper that
     # replaces unreadable images draws the replacements from it.
     kwargs["dataset"] = DatasetFromList(dataset_dicts, copy=False)
@@ -69,12 +94,11 @@ def build_resumable_train_loader(cfg: CfgNode, mapper: Optional[Any] = None):
             sampler._size,
             shuffle=sampler._shuffle,
             seed=sampler._seed,
-            per_image_seed=cfg.DATALOADER.PER_IMAGE_SEED,
+            per_image_seed=per_image_seed,
             images_per_batch=kwargs["total_batch_size"] // comm.get_world_size(),
             num_workers=kwargs["num_workers"],
             aspect_groups=[aspect_ratio_group(d) for d in dataset_dicts] if grouping else None,
-            # detectron2 0.6 draws a random shuffle seed when SEED < 0; upstream uses SEED.
-            seed_fixed=cfg.SEED >= 0,
+            seed_fixed=seed_fixed,
         )
         kwargs["sampler"] = resumable
     loader = build_detection_train_loader(**kwargs)
@@ -147,14 +171,15 @@ def resume_checkpointables(trainer: Any) -> Dict[str, Any]:
     state lacks them (:func:`missing_trainer_state`) and the training sampler's state.
 
     Args:
-        trainer: a detectron2 ``DefaultTrainer`` (its hooks need not be registered yet).
+        trainer: a detectron2 ``DefaultTrainer``, or the ``SimpleTrainer`` / ``AMPTrainer`` of a
+            lazy config's run (its hooks need not be registered yet).
     """
     model = trainer.model
     if isinstance(model, DistributedDataParallel):  # keys as in a one-process run
         model = model.module
     extra: Dict[str, Any] = {"loss_normalizers": LossNormalizerStates(model)}
     extra.update(missing_trainer_state(trainer))
-    sampler = getattr(trainer._trainer.data_loader, "resumable_sampler", None)
+    sampler = getattr(_loop(trainer).data_loader, "resumable_sampler", None)
     if sampler is not None:
         extra["data_sampler"] = sampler
     return extra
@@ -165,14 +190,22 @@ def missing_trainer_state(trainer: Any) -> Dict[str, Any]:
     optimizer, AMP's grad scaler), to pass to its checkpointer; {} where it saves them itself.
 
     Args:
-        trainer: a detectron2 ``DefaultTrainer`` (its hooks need not be registered yet).
+        trainer: a detectron2 ``DefaultTrainer``, or a ``SimpleTrainer`` / ``AMPTrainer`` (whose
+            own state dict holds them wherever detectron2 saves the trainer: {}).
     """
-    if "_trainer" in trainer.state_dict():
+    loop = _loop(trainer)
+    if loop is trainer or "_trainer" in trainer.state_dict():
         return {}
-    missing = {"optimizer": trainer._trainer.optimizer}
-    if getattr(trainer._trainer, "grad_scaler", None) is not None:
-        missing["grad_scaler"] = trainer._trainer.grad_scaler
+    missing = {"optimizer": loop.optimizer}
+    if getattr(loop, "grad_scaler", None) is not None:
+        missing["grad_scaler"] = loop.grad_scaler
     return missing
+
+
+def _loop(trainer: Any) -> Any:
+    """The ``SimpleTrainer`` / ``AMPTrainer`` that runs the steps (a DefaultTrainer's
+    ``_trainer``, or the trainer itself)."""
+    return getattr(trainer, "_trainer", trainer)
 
 
 class LossNormalizerStates:

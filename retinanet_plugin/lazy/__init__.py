@@ -10,19 +10,24 @@ no keyword form yet, each sharing the YAML path's code:
   path (``DATASETS.COCO_INSTANCES``), registered and checked by
   :mod:`retinanet_plugin.data.registration`;
 - :func:`clipped_optimizer`: ``SOLVER.CLIP_GRADIENTS`` through detectron2's own
-  ``maybe_add_gradient_clipping``.
+  ``maybe_add_gradient_clipping``;
+- :func:`load_lazy_config`: the one reader of ``.py`` configs (``train_net.py``, the tools),
+  which never sees a YAML file.
 
 A ``.py`` config is a Python program: loading one runs its code (see docs/lazy_configs.md).
 """
 
 from .backbone import mobilenet_v2_features
 from .datasets import coco_instances, dataset_config, register_datasets
+from .loading import is_lazy_config, load_lazy_config
 from .optim import clipped_optimizer
 
 __all__ = [
     "clipped_optimizer",
     "coco_instances",
     "dataset_config",
+    "is_lazy_config",
+    "load_lazy_config",
     "mobilenet_v2_features",
     "register_datasets",
 ]
