@@ -37,8 +37,12 @@ from detectron2.modeling import build_model
 import retinanet_plugin.postprocess as postprocess
 from retinanet_plugin.data.registration import register_config_datasets
 from retinanet_plugin.evaluation.results import coco_category_ids, instances_to_coco_results
-from retinanet_plugin.export import export_model, load_exported, match_detections
-from retinanet_plugin.export.exporter import exported_instances
+from retinanet_plugin.export import (
+    export_model,
+    exported_instances,
+    load_exported,
+    match_detections,
+)
 from retinanet_plugin.postprocess import TEST_TIME_KEYS, PostProcessing, UnsupportedKeyError
 from retinanet_plugin.test_time_augmentation import FocalRetinaNetWithTTA
 from retinanet_plugin.tools import export as export_tool

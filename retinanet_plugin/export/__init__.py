@@ -9,6 +9,7 @@ from .exporter import (
     check_parity,
     eager_detections,
     export_model,
+    exported_instances,
     load_exported,
     match_detections,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "check_parity",
     "eager_detections",
     "export_model",
+    "exported_instances",
     "load_exported",
     "match_detections",
 ]

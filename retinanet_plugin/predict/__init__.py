@@ -1,0 +1,187 @@
+"""FocalRetinaNet on images, folders, globs and videos, as the evaluator runs it
+(:func:`predict`; its command line is :mod:`retinanet_plugin.tools.predict`).
+
+Image files go through the mapper of ``train_net.py``'s test loader
+(``build_dataset_mapper(cfg, is_train=False)``: the plugin's ``read_image`` in ``INPUT.FORMAT``,
+``ResizeShortestEdge`` to ``MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``), the boxes are mapped back to the
+original image, and the COCO results are made by the conversion ``COCOEvaluator`` uses
+(:mod:`retinanet_plugin.evaluation.results`). An image of a registered dataset of the config
+(``DATASETS.TEST``, then ``TRAIN``, registered as ``train_net.py`` registers them; matched by its
+path under the dataset's image root) gets the dataset's image id and category ids, so the results
+file equals ``COCOEvaluator``'s for those images and can be scored against the dataset. Other
+inputs and video frames get ids of predict's own, which ``images.json`` and the log say.
+
+With ``TEST.AUG.ENABLED True`` (a trailing override), the model runs with test-time
+augmentation, wrapped in :class:`FocalRetinaNetWithTTA` exactly as ``train_net.py``'s
+``Trainer.test_with_TTA`` wraps it (``TEST.AUG.MIN_SIZES``, ``MAX_SIZE``, ``FLIP``): the results
+file then equals the evaluator's ``inference_TTA/`` results, and the log and ``images.json``
+(``"test_augmentation"``) say so. Each test-time key is checked against the path that runs
+(:meth:`PostProcessing.check`, "eager" or "tta") before any image is read.
+
+Up to ``--batch-size`` consecutive inputs run as one batch when they pad to the same size
+(padding a smaller image to a larger one's size would change its detections). The evaluator runs
+one image at a time; on CPU, oneDNN's convolutions round differently for a batch of two than for
+one image, so batched scores and boxes can differ from the evaluator's in the last bits.
+
+Writes to ``--output``: the drawn images (same file names; ``.png`` for an extension OpenCV
+cannot write, e.g. ``.jfif``, ``.tga`` or none, logged), one annotated ``.mp4`` per video,
+``coco_instances_results.json`` (COCO results: image_id, category_id, XYWH bbox, score) and
+``images.json`` (COCO ``images`` with the id, ``id_from`` (the dataset's name, or "predict"),
+file name, size and, for video frames, the frame index of each input; ``categories`` and
+``categories_from``; ``test_augmentation``: null, or the ``TEST.AUG`` sizes and flip used).
+Both JSON files are written however the run ends (an error, Ctrl-C, a SIGTERM), with every image
+processed until then. Inputs that cannot be read are logged by name and skipped.
+
+Modules: :mod:`.inputs` (files, folders, globs, videos, :class:`Frame`), :mod:`.dataset_ids`
+(inputs matched to a dataset's image ids), :mod:`.runner` (:func:`evaluation_model`,
+:class:`Predictor`), :mod:`.writer` (drawings and the JSON files), :mod:`.progress`.
+"""
+
+import itertools
+import logging
+from typing import Any, Dict, List, Sequence, Tuple
+
+from detectron2.structures import Instances
+
+from ..data.mapper import UNREADABLE_IMAGE_ERRORS, build_dataset_mapper
+from ..tools.model_setup import dataset_categories, dataset_classes, to_model_input
+from .dataset_ids import log_image_ids, match_dataset
+from .inputs import (
+    IMAGE_EXTENSIONS,
+    OWN_IDS,
+    VIDEO_EXTENSIONS,
+    Frame,
+    count_frames,
+    expand_inputs,
+    image_frame,
+    is_video,
+    read_video,
+    video_fps,
+)
+from .progress import Progress
+from .runner import Predictor, evaluation_model
+from .writer import FALLBACK_EXTENSION, IMAGES_FILE, RESULTS_FILE, Writer
+
+__all__ = [
+    "FALLBACK_EXTENSION",
+    "IMAGES_FILE",
+    "IMAGE_EXTENSIONS",
+    "OWN_IDS",
+    "RESULTS_FILE",
+    "VIDEO_EXTENSIONS",
+    "Frame",
+    "Predictor",
+    "Progress",
+    "Writer",
+    "evaluation_model",
+    "expand_inputs",
+    "is_video",
+    "match_dataset",
+    "predict",
+    "read_video",
+]
+
+# The tool's logger, so the log lines read as those of ``python -m retinanet_plugin.tools.predict``.
+logger = logging.getLogger("retinanet_plugin.tools.predict")
+
+
+def predict(
+    cfg,
+    model,
+    inputs: Sequence[str],
+    out_dir: str,
+    *,
+    batch_size: int = 1,
+    draw_thresh: float = 0.5,
+) -> Tuple[List[str], Dict[str, Any]]:
+    """Run ``model`` on every file of ``inputs`` and write the outputs to ``out_dir``.
+
+    ``model`` runs as the evaluator runs it (:func:`evaluation_model`: with ``TEST.AUG.ENABLED``,
+    with test-time augmentation). The JSON files are written however this returns or raises,
+    with every image done by then.
+
+    Raises:
+        UnsupportedKeyError: before any input is read, for a test-time key the path cannot
+            honour.
+
+    Returns:
+        list[str]: inputs that could not be read (patterns matching nothing, unreadable images
+        or videos), each already logged as an error; dict: a summary (``images``, ``detections``,
+        ``images_per_s``, ``results_file``, ``images_file``).
+    """
+    size_divisibility = model.backbone.size_divisibility
+    model, test_augmentation = evaluation_model(cfg, model)
+    files, failed = expand_inputs(inputs)
+    for pattern in failed:
+        logger.error("no such file, folder or glob match: %s", pattern)
+    dataset, records = match_dataset(cfg, [f for f in files if not is_video(f)])
+    if dataset is None:
+        categories = dataset_categories(cfg)
+    else:
+        categories = dataset_classes(dataset, cfg.MODEL.RETINANET.NUM_CLASSES)
+    writer = Writer(out_dir, cfg.INPUT.FORMAT, categories, draw_thresh, test_augmentation)
+    predictor = Predictor(model, batch_size, size_divisibility)
+    if batch_size > 1 and test_augmentation is None:
+        logger.info(
+            "--batch-size %d: the evaluator runs one image at a time; batched convolutions may "
+            "round differently, so scores and boxes may differ from COCOEvaluator's in the last "
+            "bits", batch_size,
+        )
+    mapper = build_dataset_mapper(cfg, is_train=False)  # train_net.py's test-loader mapper
+    total = sum(count_frames(f) if is_video(f) else 1 for f in files)
+    progress = Progress(total)
+    fps: Dict[str, float] = {}
+    next_id = max((r["image_id"] for r in records.values()), default=0) + 1
+
+    def emit(done: List[Tuple[Frame, Instances]]) -> None:
+        for frame, instances in done:
+            writer.add(frame, instances, fps.get(frame.source, 0.0))
+        progress.update(len(done))
+
+    finished = False
+    try:
+        for path in files:
+            if is_video(path):
+                fps[path] = video_fps(path)
+                frames = read_video(path, cfg.INPUT.FORMAT)
+                try:
+                    first = next(frames)
+                except OSError as e:
+                    logger.error("cannot read %s, skipped: %s", path, e)
+                    failed.append(path)
+                    continue
+                for index, image in enumerate(itertools.chain([first], frames)):
+                    height, width = image.shape[:2]
+                    model_inputs = {"image": to_model_input(cfg, image), "height": height,
+                                    "width": width, "image_id": next_id}
+                    emit(predictor.add(Frame(path, image, model_inputs, index)))
+                    next_id += 1
+                emit(predictor.flush())  # a video's frames go to its own writer
+                continue
+            try:
+                frame = image_frame(path, mapper, records, dataset, next_id)
+            except UNREADABLE_IMAGE_ERRORS + (ValueError,) as e:
+                logger.error("cannot read %s, skipped: %s", path, e)
+                failed.append(path)
+                continue
+            next_id += frame.id_from == OWN_IDS
+            emit(predictor.add(frame))
+        emit(predictor.flush())
+        finished = True
+    finally:
+        progress.close()
+        results_file, images_file = writer.finish()
+        if not finished:
+            logger.error(
+                "Stopped after %d images; their results are in %s and %s",
+                len(writer.images), results_file, images_file,
+            )
+    log_image_ids(writer.images, dataset)
+    summary = {
+        "images": progress.count,
+        "detections": len(writer.results),
+        "images_per_s": progress.rate(),
+        "results_file": results_file,
+        "images_file": images_file,
+    }
+    return failed, summary
