@@ -47,10 +47,13 @@ from retinanet_plugin.anchors import (  # noqa: F401
 )
 from retinanet_plugin.config import load_config
 from retinanet_plugin.data.registration import register_config_datasets
+from retinanet_plugin.tools.model_setup import refuse_lazy_config
 
 
 def setup_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
-    """The config as ``train_net.py`` reads it (the safe YAML reader), its datasets registered."""
+    """The config as ``train_net.py`` reads it (the safe YAML reader), its datasets registered.
+    A Python (.py) config is refused by name: the analysis reads the YAML keys throughout."""
+    refuse_lazy_config(config_file, "analyze_anchors")
     cfg = load_config(config_file, opts)
     register_config_datasets(cfg)
     return cfg

@@ -24,17 +24,20 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..data import build_dataset_mapper
+from detectron2.config import CfgNode
+
 from ..export import EXPORT_FORMATS, ExportError, check_parity, export_model, load_exported
 from ..postprocess import PostProcessing
-from .model_setup import load_cfg, load_model, setup_logging
+from .model_setup import load_cfg, load_model, setup_logging, test_mapper, test_min_size
 
 logger = logging.getLogger("retinanet_plugin.tools.export")  # not __name__: "__main__" under -m
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", required=True, help="model config (YAML)")
+    parser.add_argument(
+        "--config-file", required=True, help="model config (YAML, or a Python (lazy) .py config)"
+    )
     parser.add_argument("--weights", required=True, help="checkpoint (.pth / .pkl)")
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     parser.add_argument("--output", required=True, help="file to write")
@@ -48,23 +51,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--box-atol", type=float, default=1e-3, help="pixels (default 1e-3)")
     parser.add_argument("--score-atol", type=float, default=1e-5, help="(default 1e-5)")
     parser.add_argument(
-        "opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs to override"
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides: KEY VALUE pairs (YAML), key=value words (.py)",
     )
     return parser.parse_args(argv)
 
 
 def check_images(cfg, paths: Sequence[str]) -> List[torch.Tensor]:
     """Images the export is traced and checked with: ``paths`` read and resized by the mapper of
-    ``train_net.py``'s test loader (``build_dataset_mapper(cfg, is_train=False)``, as predict
-    reads them), or, without paths, random images of three sizes around the test size.
+    ``train_net.py``'s test loader (``build_dataset_mapper(cfg, is_train=False)``, or a .py
+    config's ``dataloader.test.mapper``; as predict reads them), or, without paths, random
+    images of three sizes around the test size.
 
     Raises:
         OSError: an image cannot be decoded (named).
     """
     if paths:
-        mapper = build_dataset_mapper(cfg, is_train=False)
+        mapper = test_mapper(cfg)
         return [mapper({"file_name": p, "image_id": i})["image"] for i, p in enumerate(paths)]
-    side = cfg.INPUT.MIN_SIZE_TEST or 800
+    side = test_min_size(cfg) or 800
     generator = torch.Generator().manual_seed(0)
     # Odd sizes on purpose: the graph must pad them to the backbone's size divisibility.
     sizes = [(side, side * 4 // 3 + 1), (side * 3 // 4 + 3, side), (side // 2 + 5, side // 2 + 7)]
@@ -77,11 +84,18 @@ def check_images(cfg, paths: Sequence[str]) -> List[torch.Tensor]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_cfg(args.config_file, args.opts, weights=args.weights)
-        # Before the model is even built: a test-time key the graph cannot express (TEST.AUG.*)
-        # is refused by name.
-        PostProcessing.from_config(cfg).check("export")
+        cfg = load_cfg(args.config_file, args.opts, weights=args.weights, lazy=True)
+        # Before anything is traced: a test-time key the graph cannot express (TEST.AUG.*) is
+        # refused by name (a YAML config's before the model is even built).
+        if isinstance(cfg, CfgNode):
+            PostProcessing.from_config(cfg).check("export")
+        elif cfg.dataloader.get("tta") is not None:
+            raise ValueError(
+                "dataloader.tta: the exported graph has no test-time augmentation; export with "
+                "dataloader.tta=null"
+            )
         model = load_model(cfg)
+        model.postprocessing.check("export")
         images = check_images(cfg, args.check_images)
         export_model(model, images[0], args.output, args.format)
         report = check_parity(

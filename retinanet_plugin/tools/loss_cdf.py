@@ -50,8 +50,10 @@ from ..config import load_config
 from ..data.deepforest import DATASET_NAMES, register_deepforest
 from ..data.mapper import RobustDatasetMapper, build_dataset_mapper
 from ..data.registration import register_config_datasets
+from ..lazy import is_lazy_config
 from ..losses import sigmoid_focal_loss_from_labels
 from ..meta_arch import FocalRetinaNet
+from .model_setup import lazy_config_refusal
 
 __all__ = ["anchor_logits_and_labels", "normalized_cdf", "split_focal_losses", "main"]
 
@@ -262,6 +264,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "subset (0: all). COCO gives ~10M per image, 4 bytes each per gamma")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     args = parser.parse_args(argv)
+    if is_lazy_config(args.config_file):  # its internals read the YAML keys throughout
+        parser.error(str(lazy_config_refusal(args.config_file, "loss_cdf")))
     if any(g < 0 for g in args.gammas):
         parser.error(f"--gammas must be >= 0, got {args.gammas}")
     if args.max_images <= 0:

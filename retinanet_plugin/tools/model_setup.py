@@ -1,12 +1,21 @@
-"""Config and model loading shared by the inference tools (predict, export)."""
+"""Config and model loading shared by the inference tools (predict, export).
+
+:func:`load_cfg` reads either kind of config: YAML through the plugin's safe reader, ``.py``
+(for a tool that takes one, ``lazy=True``) through :func:`~retinanet_plugin.lazy.
+load_lazy_config`. :func:`load_model` and :func:`test_mapper` give a tool what it needs from
+either, built by the same code as ``train_net.py``'s (``build_model`` / ``instantiate``, the test
+loader's mapper).
+"""
 
 import logging
-from typing import List, NamedTuple, Optional, Sequence
+import os
+import sys
+from typing import Any, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import build_augmentation
@@ -15,8 +24,10 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import RetinaNetCheckpointer
 from ..config import load_config
+from ..data import build_dataset_mapper
 from ..data.registration import register_config_datasets
 from ..evaluation.results import coco_category_ids
+from ..lazy import is_lazy_config, load_lazy_config
 from ..meta_arch import FocalRetinaNet
 
 __all__ = [
@@ -25,12 +36,32 @@ __all__ = [
     "dataset_categories",
     "dataset_classes",
     "load_cfg",
+    "lazy_config_refusal",
     "load_model",
+    "refuse_lazy_config",
     "setup_logging",
+    "test_mapper",
+    "test_min_size",
     "to_model_input",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def lazy_config_refusal(config_file: str, tool: Optional[str] = None) -> ValueError:
+    """The error of a tool that reads YAML keys only, given a Python (.py) config; names
+    ``tool`` (default: the running program)."""
+    tool = tool or os.path.basename(sys.argv[0]) or "this tool"
+    return ValueError(
+        f"{tool} takes a YAML config; {config_file} is a Python (lazy) config, which it does not "
+        "read yet: use the YAML twin beside it (configs/<name>.yaml)"
+    )
+
+
+def refuse_lazy_config(config_file: str, tool: Optional[str] = None) -> None:
+    """Raises :func:`lazy_config_refusal` when ``config_file`` is a Python (.py) config."""
+    if is_lazy_config(config_file):
+        raise lazy_config_refusal(config_file, tool)
 
 
 def load_cfg(
@@ -40,23 +71,41 @@ def load_cfg(
     weights: Optional[str] = None,
     device: Optional[str] = None,
     score_thresh: Optional[float] = None,
-) -> CfgNode:
-    """The frozen config of ``config_file`` with ``opts`` (KEY VALUE pairs) merged on top.
+    lazy: bool = False,
+    tool: Optional[str] = None,
+) -> Any:
+    """The config of ``config_file`` with ``opts`` applied.
 
-    ``weights``, ``device`` and ``score_thresh`` set ``MODEL.WEIGHTS``, ``MODEL.DEVICE`` and
-    ``MODEL.RETINANET.SCORE_THRESH_TEST`` when given. The datasets the config can name are
-    registered as ``train_net.py`` registers them, so their class names are known.
+    A YAML file (frozen CfgNode): ``opts`` are KEY VALUE pairs; ``weights``, ``device`` and
+    ``score_thresh`` set ``MODEL.WEIGHTS``, ``MODEL.DEVICE`` and
+    ``MODEL.RETINANET.SCORE_THRESH_TEST``. A ``.py`` file (only with ``lazy=True``; otherwise a
+    ValueError naming ``tool``): ``opts`` are ``key=value`` words, and the three set
+    ``train.init_checkpoint``, ``train.device`` and ``model.test_score_thresh``. The datasets the
+    config can name are registered as ``train_net.py`` registers them, so their class names are
+    known.
     """
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if score_thresh is not None and not 0 <= score_thresh < 1:
+        raise ValueError(f"score threshold must be in [0, 1), got {score_thresh}")
+    if is_lazy_config(config_file):
+        if not lazy:
+            refuse_lazy_config(config_file, tool)
+        cfg = load_lazy_config(config_file, opts)
+        for node, key, value in (
+            (cfg.train, "init_checkpoint", weights),
+            (cfg.train, "device", device),
+            (cfg.model, "test_score_thresh", score_thresh),
+        ):
+            if value is not None:
+                node[key] = value
+        return cfg
     cfg = load_config(config_file, opts)
     if weights is not None:
         cfg.MODEL.WEIGHTS = weights
     if device is not None:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine")
         cfg.MODEL.DEVICE = device
     if score_thresh is not None:
-        if not 0 <= score_thresh < 1:
-            raise ValueError(f"score threshold must be in [0, 1), got {score_thresh}")
         cfg.MODEL.RETINANET.SCORE_THRESH_TEST = score_thresh
     cfg.freeze()
     register_config_datasets(cfg)
@@ -79,19 +128,43 @@ def to_model_input(cfg: CfgNode, image: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
 
 
-def load_model(cfg: CfgNode) -> FocalRetinaNet:
-    """Builds the config's model in eval mode and loads ``MODEL.WEIGHTS`` through
-    :class:`RetinaNetCheckpointer` (which refuses a checkpoint with another class count)."""
-    model = build_model(cfg)
+def load_model(cfg: Any) -> FocalRetinaNet:
+    """Builds the config's model in eval mode and loads its weights (``MODEL.WEIGHTS``, or a
+    ``.py`` config's ``train.init_checkpoint``) through :class:`RetinaNetCheckpointer` (which
+    refuses a checkpoint with another class count)."""
+    if isinstance(cfg, CfgNode):
+        model, weights, key = build_model(cfg), cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"
+        arch = cfg.MODEL.META_ARCHITECTURE
+    else:  # as train_net.py builds a .py config's model
+        model = instantiate(cfg.model).to(cfg.train.device)
+        weights, key, arch = cfg.train.init_checkpoint, "train.init_checkpoint", None
     if not isinstance(model, FocalRetinaNet):
         raise ValueError(
-            f"MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}; these tools need "
-            "FocalRetinaNet"
+            f"the model is {arch or type(model).__name__!r}; these tools need FocalRetinaNet"
         )
-    if not cfg.MODEL.WEIGHTS:
-        logger.warning("MODEL.WEIGHTS is empty: the model has its initial weights")
-    RetinaNetCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    if not weights:
+        logger.warning("%s is empty: the model has its initial weights", key)
+    RetinaNetCheckpointer(model).load(weights)
     return model.eval()
+
+
+def test_mapper(cfg: Any) -> Any:
+    """The mapper of ``train_net.py``'s test loader: ``build_dataset_mapper(cfg, False)``, or a
+    ``.py`` config's ``dataloader.test.mapper``."""
+    if isinstance(cfg, CfgNode):
+        return build_dataset_mapper(cfg, is_train=False)
+    return instantiate(cfg.dataloader.test.mapper)
+
+
+def test_min_size(cfg: Any) -> int:
+    """The test loader's shorter side (``INPUT.MIN_SIZE_TEST``, or the first size of the
+    ``.py`` config's test resize); 0 when it does not resize."""
+    if isinstance(cfg, CfgNode):
+        return cfg.INPUT.MIN_SIZE_TEST
+    for aug in test_mapper(cfg).augmentations.augs:
+        if isinstance(aug, T.ResizeShortestEdge):
+            return int(aug.short_edge_length[0])
+    return 0
 
 
 class Categories(NamedTuple):
