@@ -79,3 +79,12 @@ def test_tools_that_read_yaml_keys_refuse_a_lazy_config_by_name(tool, capsys):
         module.main(["--config-file", str(LAZY), *weights])
     text = str(e.value) + capsys.readouterr().err
     assert tool in text and "YAML" in text
+
+
+def test_predict_refuses_a_lazy_config_by_name(tmp_path, caplog):
+    from retinanet_plugin.tools import predict as predict_tool
+
+    argv = ["--config-file", str(LAZY), "--weights", "unused.pth", "--input", str(tmp_path),
+            "--output", str(tmp_path / "out")]
+    assert predict_tool.main(argv) == 2
+    assert "predict takes a YAML config" in caplog.text

@@ -120,7 +120,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         cfg = load_cfg(
             args.config_file, args.opts, weights=args.weights, device=args.device,
-            score_thresh=args.score_thresh,
+            score_thresh=args.score_thresh, tool="predict",  # a .py config: refused by name
         )
         model = load_model(cfg)
         failed, summary = predict(
