@@ -328,9 +328,13 @@ def _check_config(namespace: argparse.Namespace) -> None:
     if opts and opts[0] == "--":  # argparse.REMAINDER keeps a leading "--"
         opts = opts[1:]
     from retinanet_plugin.config import load_config
+    from retinanet_plugin.lazy.loading import is_lazy_config, load_lazy_config
 
     try:
-        load_config(str(path), opts)
+        if is_lazy_config(str(path)):  # a Python config: its key=value overrides must apply
+            load_lazy_config(str(path), opts)
+        else:
+            load_config(str(path), opts)
     except Exception as e:  # any failure is a doc error, reported with its cause
         raise AssertionError(f"{config} with {opts}: {type(e).__name__}: {e}") from None
 
