@@ -45,8 +45,8 @@ def test_load_cfg_reads_both_kinds_with_the_same_keys(weights):
         ycfg.MODEL.WEIGHTS, ycfg.MODEL.DEVICE, ycfg.MODEL.RETINANET.SCORE_THRESH_TEST
     )
     # A tool that has not opted in refuses a .py by name.
-    with pytest.raises(ValueError, match="predict takes a YAML config"):
-        load_cfg(str(LAZY), LAZY_OPTS, tool="predict")
+    with pytest.raises(ValueError, match="my_tool takes a YAML config"):
+        load_cfg(str(LAZY), LAZY_OPTS, tool="my_tool")
 
 
 @pytest.mark.parametrize("export_format", ["torchscript"])
@@ -79,12 +79,3 @@ def test_tools_that_read_yaml_keys_refuse_a_lazy_config_by_name(tool, capsys):
         module.main(["--config-file", str(LAZY), *weights])
     text = str(e.value) + capsys.readouterr().err
     assert tool in text and "YAML" in text
-
-
-def test_predict_refuses_a_lazy_config_by_name(tmp_path, caplog):
-    from retinanet_plugin.tools import predict as predict_tool
-
-    argv = ["--config-file", str(LAZY), "--weights", "unused.pth", "--input", str(tmp_path),
-            "--output", str(tmp_path / "out")]
-    assert predict_tool.main(argv) == 2
-    assert "predict takes a YAML config" in caplog.text

@@ -39,8 +39,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import RetinaNetCheckpointer
 from ..data.registration import check_datasets
-from ..lazy import dataset_config, load_lazy_config
-from ..test_time_augmentation import FocalRetinaNetWithTTA
+from ..lazy import dataset_config, load_lazy_config, tta_model
 from .hooks import SkippedImagesHook
 from .launch import wrap_ddp_on_cpu
 from .loss_guard import BatchRecorder, guard_nonfinite_losses
@@ -137,8 +136,7 @@ def lazy_test(cfg: Any, model: Any) -> Dict[str, Any]:
 def lazy_test_with_tta(cfg: Any, model: Any) -> Dict[str, Any]:
     """Evaluates with test-time augmentation (``dataloader.tta``); result keys end in "_TTA"."""
     logger.info("Running inference with test-time augmentation ...")
-    tta = FocalRetinaNetWithTTA(None, model, tta_mapper=instantiate(cfg.dataloader.tta))
-    results = _run_test(cfg, tta, "inference_TTA")
+    results = _run_test(cfg, tta_model(cfg, model), "inference_TTA")
     return OrderedDict((k + "_TTA", v) for k, v in results.items())
 
 

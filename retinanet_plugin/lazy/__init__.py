@@ -11,6 +11,8 @@ no keyword form yet, each sharing the YAML path's code:
   :mod:`retinanet_plugin.data.registration`;
 - :func:`clipped_optimizer`: ``SOLVER.CLIP_GRADIENTS`` through detectron2's own
   ``maybe_add_gradient_clipping``;
+- :func:`tta_model`, :func:`tta_augmentation`: test-time augmentation from ``dataloader.tta``
+  (``TEST.AUG.*``), for ``train_net.py`` and predict alike;
 - :func:`load_lazy_config`: the one reader of ``.py`` configs (``train_net.py``, the tools),
   which never sees a YAML file.
 
@@ -21,6 +23,7 @@ from .backbone import mobilenet_v2_features
 from .datasets import coco_instances, dataset_config, register_datasets
 from .loading import is_lazy_config, load_lazy_config
 from .optim import clipped_optimizer
+from .tta import tta_augmentation, tta_model
 
 __all__ = [
     "clipped_optimizer",
@@ -30,4 +33,6 @@ __all__ = [
     "load_lazy_config",
     "mobilenet_v2_features",
     "register_datasets",
+    "tta_augmentation",
+    "tta_model",
 ]

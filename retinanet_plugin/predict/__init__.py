@@ -1,6 +1,11 @@
 """FocalRetinaNet on images, folders, globs and videos, as the evaluator runs it
 (:func:`predict`; its command line is :mod:`retinanet_plugin.tools.predict`).
 
+``cfg`` is a YAML config (CfgNode) or a Python (lazy) one; each key below has its lazy
+counterpart, read by the same code as ``train_net.py``'s lazy path: the test loader's mapper
+(``dataloader.test.mapper``), the datasets of ``dataloader.test`` / ``train`` (registered by the
+config), the model's ``num_classes`` and test-time keys, ``dataloader.tta`` for ``TEST.AUG.*``.
+
 Image files go through the mapper of ``train_net.py``'s test loader
 (``build_dataset_mapper(cfg, is_train=False)``: the plugin's ``read_image`` in ``INPUT.FORMAT``,
 ``ResizeShortestEdge`` to ``MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``), the boxes are mapped back to the
@@ -43,8 +48,14 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from detectron2.structures import Instances
 
-from ..data.mapper import UNREADABLE_IMAGE_ERRORS, build_dataset_mapper
-from ..tools.model_setup import dataset_categories, dataset_classes, to_model_input
+from ..data.mapper import UNREADABLE_IMAGE_ERRORS
+from ..tools.model_setup import (
+    dataset_categories,
+    dataset_classes,
+    dataset_view,
+    test_mapper,
+    to_model_input,
+)
 from .dataset_ids import log_image_ids, match_dataset
 from .inputs import (
     IMAGE_EXTENSIONS,
@@ -118,8 +129,11 @@ def predict(
     if dataset is None:
         categories = dataset_categories(cfg)
     else:
-        categories = dataset_classes(dataset, cfg.MODEL.RETINANET.NUM_CLASSES)
-    writer = Writer(out_dir, cfg.INPUT.FORMAT, categories, draw_thresh, test_augmentation)
+        categories = dataset_classes(dataset, dataset_view(cfg).MODEL.RETINANET.NUM_CLASSES)
+    # train_net.py's test-loader mapper: its image format (INPUT.FORMAT) and resize.
+    mapper = test_mapper(cfg)
+    image_format = mapper.image_format
+    writer = Writer(out_dir, image_format, categories, draw_thresh, test_augmentation)
     predictor = Predictor(model, batch_size, size_divisibility)
     if batch_size > 1 and test_augmentation is None:
         logger.info(
@@ -127,7 +141,6 @@ def predict(
             "round differently, so scores and boxes may differ from COCOEvaluator's in the last "
             "bits", batch_size,
         )
-    mapper = build_dataset_mapper(cfg, is_train=False)  # train_net.py's test-loader mapper
     total = sum(count_frames(f) if is_video(f) else 1 for f in files)
     progress = Progress(total)
     fps: Dict[str, float] = {}
@@ -143,7 +156,7 @@ def predict(
         for path in files:
             if is_video(path):
                 fps[path] = video_fps(path)
-                frames = read_video(path, cfg.INPUT.FORMAT)
+                frames = read_video(path, image_format)
                 try:
                     first = next(frames)
                 except OSError as e:
@@ -152,8 +165,10 @@ def predict(
                     continue
                 for index, image in enumerate(itertools.chain([first], frames)):
                     height, width = image.shape[:2]
-                    model_inputs = {"image": to_model_input(cfg, image), "height": height,
-                                    "width": width, "image_id": next_id}
+                    model_inputs = {
+                        "image": to_model_input(cfg, image, mapper.augmentations),
+                        "height": height, "width": width, "image_id": next_id,
+                    }
                     emit(predictor.add(Frame(path, image, model_inputs, index)))
                     next_id += 1
                 emit(predictor.flush())  # a video's frames go to its own writer

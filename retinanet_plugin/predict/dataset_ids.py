@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..tools.model_setup import config_datasets, dataset_classes
+from ..tools.model_setup import config_datasets, dataset_classes, dataset_view
 from .inputs import OWN_IDS
 
 __all__ = ["log_image_ids", "match_dataset"]
@@ -20,13 +20,15 @@ def match_dataset(cfg, files: Sequence[str]) -> Tuple[Optional[str], Dict[str, D
     """The dataset that ``files`` are images of.
 
     The first dataset of ``DATASETS.TEST``, then ``DATASETS.TRAIN`` (registered), with
-    ``MODEL.RETINANET.NUM_CLASSES`` classes, that has a record whose ``file_name`` is one of
-    ``files`` (same real path). Only datasets whose ``image_root`` holds one of the files are
-    loaded.
+    ``MODEL.RETINANET.NUM_CLASSES`` classes (of a ``.py`` config: the datasets of its
+    ``dataloader.test`` / ``train``, the model's ``num_classes``), that has a record whose
+    ``file_name`` is one of ``files`` (same real path). Only datasets whose ``image_root`` holds
+    one of the files are loaded.
 
     Returns:
         The dataset's name (None without one) and its records by real path of the image.
     """
+    cfg = dataset_view(cfg)
     paths = {os.path.realpath(f) for f in files}
     for name in config_datasets(cfg):
         root = MetadataCatalog.get(name).get("image_root")

@@ -6,8 +6,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from detectron2.config import CfgNode
 from detectron2.structures import Instances
 
+from ..lazy import tta_augmentation, tta_model
 from ..postprocess import PostProcessing
 from ..test_time_augmentation import FocalRetinaNetWithTTA
 from .inputs import Frame
@@ -20,7 +22,9 @@ logger = logging.getLogger("retinanet_plugin.tools.predict")
 
 def evaluation_model(cfg, model) -> Tuple[torch.nn.Module, Optional[Dict[str, Any]]]:
     """The model as ``train_net.py`` evaluates it: itself, or with ``TEST.AUG.ENABLED`` wrapped
-    in :class:`FocalRetinaNetWithTTA` as ``Trainer.test_with_TTA`` wraps it.
+    in :class:`FocalRetinaNetWithTTA` as ``Trainer.test_with_TTA`` wraps it (a ``.py`` config:
+    with ``dataloader.tta``, by :func:`~retinanet_plugin.lazy.tta_model`, as its lazy path
+    evaluates it).
 
     Raises:
         UnsupportedKeyError: a test-time key that the path (eager or TTA) cannot honour, named
@@ -29,6 +33,13 @@ def evaluation_model(cfg, model) -> Tuple[torch.nn.Module, Optional[Dict[str, An
     Returns:
         The model to run, and for ``images.json`` the augmentation (None without).
     """
+    if not isinstance(cfg, CfgNode):
+        augmentation = tta_augmentation(cfg)
+        if augmentation is None:
+            model.postprocessing.check("eager")
+            return model, None
+        _log_augmentation("dataloader.tta", augmentation)
+        return tta_model(cfg, model), augmentation  # checks the "tta" path
     if not cfg.TEST.AUG.ENABLED:
         PostProcessing.from_config(cfg).check("eager")
         return model, None
@@ -38,13 +49,17 @@ def evaluation_model(cfg, model) -> Tuple[torch.nn.Module, Optional[Dict[str, An
         "max_size": cfg.TEST.AUG.MAX_SIZE,
         "flip": cfg.TEST.AUG.FLIP,
     }
+    _log_augmentation("TEST.AUG.ENABLED", augmentation)
+    return FocalRetinaNetWithTTA(cfg, model), augmentation
+
+
+def _log_augmentation(key: str, augmentation: Dict[str, Any]) -> None:
     logger.info(
-        "TEST.AUG.ENABLED: test-time augmentation (shortest edges %s, max size %d, flip %s; "
+        "%s: test-time augmentation (shortest edges %s, max size %d, flip %s; "
         "FocalRetinaNetWithTTA as train_net.py's Trainer.test_with_TTA), so the results are "
         "those of the evaluator's inference_TTA/, not inference/",
-        augmentation["min_sizes"], augmentation["max_size"], augmentation["flip"],
+        key, augmentation["min_sizes"], augmentation["max_size"], augmentation["flip"],
     )
-    return FocalRetinaNetWithTTA(cfg, model), augmentation
 
 
 class Predictor:

@@ -2,9 +2,10 @@
 
 :func:`load_cfg` reads either kind of config: YAML through the plugin's safe reader, ``.py``
 (for a tool that takes one, ``lazy=True``) through :func:`~retinanet_plugin.lazy.
-load_lazy_config`. :func:`load_model` and :func:`test_mapper` give a tool what it needs from
-either, built by the same code as ``train_net.py``'s (``build_model`` / ``instantiate``, the test
-loader's mapper).
+load_lazy_config`. :func:`load_model`, :func:`test_mapper`, :func:`test_augmentations` and the
+dataset helpers (:func:`dataset_view`) give a tool what it needs from either, built by the same
+code as ``train_net.py``'s (``build_model`` / ``instantiate``, the test loader's mapper, the
+datasets ``register_config_datasets`` registers).
 """
 
 import logging
@@ -27,7 +28,7 @@ from ..config import load_config
 from ..data import build_dataset_mapper
 from ..data.registration import register_config_datasets
 from ..evaluation.results import coco_category_ids
-from ..lazy import is_lazy_config, load_lazy_config
+from ..lazy import dataset_config, is_lazy_config, load_lazy_config
 from ..meta_arch import FocalRetinaNet
 
 __all__ = [
@@ -35,11 +36,13 @@ __all__ = [
     "config_datasets",
     "dataset_categories",
     "dataset_classes",
+    "dataset_view",
     "load_cfg",
     "lazy_config_refusal",
     "load_model",
     "refuse_lazy_config",
     "setup_logging",
+    "test_augmentations",
     "test_mapper",
     "test_min_size",
     "to_model_input",
@@ -118,13 +121,21 @@ def setup_logging() -> None:
         setup_logger(name=name, abbrev_name={"detectron2": "d2"}.get(name, name))
 
 
-def to_model_input(cfg: CfgNode, image: np.ndarray) -> torch.Tensor:
-    """(H, W, C) image, already in ``INPUT.FORMAT``, to the model's (C, H', W') input tensor:
-    the test-time augmentations of detectron2's ``DatasetMapper(cfg, is_train=False)``
-    (``ResizeShortestEdge`` to ``MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``), applied as it applies
-    them."""
+def to_model_input(
+    cfg: Any, image: np.ndarray, augmentations: Optional[T.AugmentationList] = None
+) -> torch.Tensor:
+    """(H, W, C) image, already in the test loader's format, to the model's (C, H', W') input
+    tensor: the test loader's augmentations (:func:`test_augmentations`; ``ResizeShortestEdge``
+    to ``MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``), applied as its mapper applies them.
+
+    Args:
+        cfg: a YAML (CfgNode) or ``.py`` config.
+        augmentations: ``test_augmentations(cfg)``, when the caller has them already.
+    """
     aug_input = T.AugInput(image)
-    T.AugmentationList(build_augmentation(cfg, is_train=False))(aug_input)
+    if augmentations is None:
+        augmentations = test_augmentations(cfg)
+    augmentations(aug_input)
     return torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
 
 
@@ -156,12 +167,20 @@ def test_mapper(cfg: Any) -> Any:
     return instantiate(cfg.dataloader.test.mapper)
 
 
+def test_augmentations(cfg: Any) -> T.AugmentationList:
+    """The augmentations of the test loader's mapper (:func:`test_mapper`): for a YAML config
+    detectron2's ``build_augmentation(cfg, is_train=False)``, as the mapper builds them."""
+    if isinstance(cfg, CfgNode):
+        return T.AugmentationList(build_augmentation(cfg, is_train=False))
+    return test_mapper(cfg).augmentations
+
+
 def test_min_size(cfg: Any) -> int:
     """The test loader's shorter side (``INPUT.MIN_SIZE_TEST``, or the first size of the
     ``.py`` config's test resize); 0 when it does not resize."""
     if isinstance(cfg, CfgNode):
         return cfg.INPUT.MIN_SIZE_TEST
-    for aug in test_mapper(cfg).augmentations.augs:
+    for aug in test_augmentations(cfg).augs:
         if isinstance(aug, T.ResizeShortestEdge):
             return int(aug.short_edge_length[0])
     return 0
@@ -183,8 +202,19 @@ class Categories(NamedTuple):
     dataset: Optional[str]
 
 
-def config_datasets(cfg: CfgNode) -> List[str]:
-    """The registered datasets of ``DATASETS.TEST``, then ``DATASETS.TRAIN``, each once."""
+def dataset_view(cfg: Any) -> CfgNode:
+    """The ``DATASETS.*`` and ``MODEL.RETINANET.NUM_CLASSES`` keys of either kind of config: a
+    YAML config itself, a ``.py`` config's through :func:`~retinanet_plugin.lazy.dataset_config`
+    (the names its ``dataloader.train`` / ``test`` load, the model's ``num_classes``)."""
+    if isinstance(cfg, CfgNode):
+        return cfg
+    return dataset_config(cfg.dataloader, cfg.model)
+
+
+def config_datasets(cfg: Any) -> List[str]:
+    """The registered datasets of ``DATASETS.TEST``, then ``DATASETS.TRAIN``, each once (either
+    kind of config, :func:`dataset_view`)."""
+    cfg = dataset_view(cfg)
     registered = set(DatasetCatalog.list())
     names = dict.fromkeys(list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN))
     return [name for name in names if name in registered]
@@ -226,13 +256,13 @@ def dataset_classes(name: str, num_classes: int) -> Optional[Categories]:
     return Categories(list(names), ids, name)
 
 
-def dataset_categories(cfg: CfgNode) -> Categories:
-    """Class names and category ids of the model's K classes.
+def dataset_categories(cfg: Any) -> Categories:
+    """Class names and category ids of the model's K classes (either kind of config).
 
     From the first dataset of :func:`config_datasets` with K classes (:func:`dataset_classes`);
     without one, "class 0", "class 1", ... with ids 0..K-1.
     """
-    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
+    num_classes = dataset_view(cfg).MODEL.RETINANET.NUM_CLASSES
     for name in config_datasets(cfg):
         categories = dataset_classes(name, num_classes)
         if categories is not None:

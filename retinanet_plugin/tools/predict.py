@@ -68,7 +68,9 @@ logger = logging.getLogger("retinanet_plugin.tools.predict")  # not __name__: "_
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", required=True, help="model config (YAML)")
+    parser.add_argument(
+        "--config-file", required=True, help="model config (YAML, or a Python (lazy) .py config)"
+    )
     parser.add_argument("--weights", required=True, help="checkpoint (.pth / .pkl)")
     parser.add_argument(
         "--input", nargs="+", required=True, help="image / video files, folders or globs"
@@ -78,8 +80,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--score-thresh",
         type=float,
         default=None,
-        help="keep detections scoring above this (sets MODEL.RETINANET.SCORE_THRESH_TEST; "
-        "default: the config's, as COCOEvaluator uses)",
+        help="keep detections scoring above this (sets MODEL.RETINANET.SCORE_THRESH_TEST, or "
+        "model.test_score_thresh; default: the config's, as COCOEvaluator uses)",
     )
     parser.add_argument(
         "--draw-thresh", type=float, default=0.5, help="draw detections scoring at least this"
@@ -87,7 +89,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: config's)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument(
-        "opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs to override"
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides: KEY VALUE pairs (YAML), key=value words (.py)",
     )
     return parser.parse_args(argv)
 
@@ -120,7 +125,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         cfg = load_cfg(
             args.config_file, args.opts, weights=args.weights, device=args.device,
-            score_thresh=args.score_thresh, tool="predict",  # a .py config: refused by name
+            score_thresh=args.score_thresh, lazy=True,
         )
         model = load_model(cfg)
         failed, summary = predict(
