@@ -1,5 +1,5 @@
-"""The tools with a Python (lazy) config: the same output as with its YAML twin, or a refusal
-that names the tool."""
+"""The tools with a Python (lazy) config: load_cfg, and export's same graph as with its YAML
+twin (predict: test_lazy_predict.py; analyze_anchors, loss_cdf: test_lazy_anchor_tools.py)."""
 
 from pathlib import Path
 
@@ -67,15 +67,3 @@ def test_export_of_a_lazy_config_equals_its_yaml_twins(weights, tmp_path, export
         assert len(theirs[0]) > 0  # detections to compare
         for a, b in zip(ours, theirs):
             assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("tool", ["analyze_anchors", "loss_cdf"])
-def test_tools_that_read_yaml_keys_refuse_a_lazy_config_by_name(tool, capsys):
-    import importlib
-
-    module = importlib.import_module(f"retinanet_plugin.tools.{tool}")
-    with pytest.raises((ValueError, SystemExit)) as e:
-        weights = ["--weights", "unused.pth"] if tool == "loss_cdf" else []
-        module.main(["--config-file", str(LAZY), *weights])
-    text = str(e.value) + capsys.readouterr().err
-    assert tool in text and "YAML" in text

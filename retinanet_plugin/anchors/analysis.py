@@ -3,6 +3,7 @@
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode
+from detectron2.modeling import Backbone
 
 from .boxes import boxes_from_dicts, load_dataset_dicts, training_short_edges
 from .coverage import Coverage, coverage_tables, measure_coverage, too_small_for_grid
@@ -12,15 +13,20 @@ from .thresholds import matcher_thresholds
 
 
 def analyze(cfg: CfgNode, datasets: Sequence[str], *, max_search_pairs: int = 20000,
-            propose: bool = True) -> Tuple[Dict[str, Any], Coverage, Optional[Proposal]]:
-    """The whole analysis: a JSON-able report, the config's coverage, and the proposal."""
+            propose: bool = True, backbone: Optional[Backbone] = None,
+            ) -> Tuple[Dict[str, Any], Coverage, Optional[Proposal]]:
+    """The whole analysis: a JSON-able report, the config's coverage, and the proposal.
+
+    ``backbone``: the model's backbone when ``cfg`` cannot build it (a Python config's, whose
+    other keys :func:`retinanet_plugin.lazy.yacs_keys` converts); default: built from ``cfg``.
+    """
     fg, bg = matcher_thresholds(cfg)
     short_edges = training_short_edges(cfg)
     dicts = [d for name in datasets for d in load_dataset_dicts(name)]
     box_set = boxes_from_dicts(dicts)
     if not len(box_set.boxes):
         raise ValueError(f"datasets {list(datasets)} hold no (non-crowd, non-empty) boxes")
-    shapes, divisibility, square = backbone_shapes(cfg)
+    shapes, divisibility, square = backbone_shapes(cfg, backbone)
     layout = anchor_layout(cfg, shapes, divisibility, square)
     current = measure_coverage(box_set, cfg, layout, short_edges)
     levels = list(anchor_head_node(cfg).IN_FEATURES)

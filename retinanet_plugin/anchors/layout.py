@@ -2,13 +2,13 @@
 anchors, strides and offset, and the backbone's padding, which sets the feature-map sizes."""
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import build_anchor_generator, build_backbone
+from detectron2.modeling import Backbone, build_anchor_generator, build_backbone
 
 # Meta-architectures whose anchors belong to a proposal generator (RPN or FocalRPN), matched
 # with MODEL.RPN's keys; any other (FocalRetinaNet, detectron2's RetinaNet) reads MODEL.RETINANET.
@@ -59,10 +59,13 @@ def _backbone_cfg(cfg: CfgNode) -> CfgNode:
     return cfg
 
 
-def backbone_shapes(cfg: CfgNode) -> Tuple[Dict[str, ShapeSpec], int, int]:
+def backbone_shapes(
+    cfg: CfgNode, backbone: Optional[Backbone] = None
+) -> Tuple[Dict[str, ShapeSpec], int, int]:
     """(output shapes, size divisibility, square size) of the config's backbone, built once
-    without weights."""
-    backbone = build_backbone(_backbone_cfg(cfg))
+    without weights; or of ``backbone`` (a Python config's, built by the caller)."""
+    if backbone is None:
+        backbone = build_backbone(_backbone_cfg(cfg))
     constraints = getattr(backbone, "padding_constraints", None) or {}
     divisibility = constraints.get("size_divisibility", backbone.size_divisibility)
     return backbone.output_shape(), int(divisibility or 0), int(constraints.get("square_size", 0))

@@ -13,6 +13,8 @@ no keyword form yet, each sharing the YAML path's code:
   ``maybe_add_gradient_clipping``;
 - :func:`tta_model`, :func:`tta_augmentation`: test-time augmentation from ``dataloader.tta``
   (``TEST.AUG.*``), for ``train_net.py`` and predict alike;
+- :func:`yacs_keys`: the YAML keys that ``analyze_anchors`` and ``loss_cdf`` read, converted
+  from the lazy nodes that mean the same;
 - :func:`load_lazy_config`: the one reader of ``.py`` configs (``train_net.py``, the tools),
   which never sees a YAML file.
 
@@ -24,8 +26,11 @@ from .datasets import coco_instances, dataset_config, register_datasets
 from .loading import is_lazy_config, load_lazy_config
 from .optim import clipped_optimizer
 from .tta import tta_augmentation, tta_model
+from .yacs_keys import anchor_owner, backbone_without_weights, yacs_keys
 
 __all__ = [
+    "anchor_owner",
+    "backbone_without_weights",
     "clipped_optimizer",
     "coco_instances",
     "dataset_config",
@@ -35,4 +40,5 @@ __all__ = [
     "register_datasets",
     "tta_augmentation",
     "tta_model",
+    "yacs_keys",
 ]

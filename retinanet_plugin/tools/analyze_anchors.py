@@ -8,6 +8,11 @@ Run as::
 Prints the coverage tables and the proposed anchors, and writes ``anchor_report.json`` and
 ``best_iou_histogram.png`` to ``--output``. The analysis itself, and what its figures mean,
 is :mod:`retinanet_plugin.anchors`; this module is its command line.
+
+``CONFIG`` is a YAML or a Python (lazy) ``.py`` config (with ``key=value`` overrides). The
+analysis reads YAML keys: a ``.py`` config's are converted from the nodes that mean the same
+(:func:`retinanet_plugin.lazy.yacs_keys`) and its backbone is instantiated from
+``model.backbone``; the anchors so built are checked against the config's own anchor generator.
 """
 
 import argparse
@@ -15,9 +20,12 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
-from detectron2.config import CfgNode
+import torch
+
+from detectron2.config import CfgNode, instantiate
+from detectron2.modeling import Backbone
 
 # The package's public API, importable from here too for callers of this module.
 from retinanet_plugin.anchors import (  # noqa: F401
@@ -47,23 +55,61 @@ from retinanet_plugin.anchors import (  # noqa: F401
 )
 from retinanet_plugin.config import load_config
 from retinanet_plugin.data.registration import register_config_datasets
-from retinanet_plugin.tools.model_setup import refuse_lazy_config
+from retinanet_plugin.lazy import (
+    anchor_owner,
+    backbone_without_weights,
+    is_lazy_config,
+    load_lazy_config,
+    yacs_keys,
+)
 
 
 def setup_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
-    """The config as ``train_net.py`` reads it (the safe YAML reader), its datasets registered.
-    A Python (.py) config is refused by name: the analysis reads the YAML keys throughout."""
-    refuse_lazy_config(config_file, "analyze_anchors")
-    cfg = load_config(config_file, opts)
-    register_config_datasets(cfg)
-    return cfg
+    """The config as ``train_net.py`` reads it (the safe YAML reader), its datasets registered;
+    a ``.py`` config's YAML keys (:func:`retinanet_plugin.lazy.yacs_keys`)."""
+    return setup(config_file, opts)[0]
+
+
+def setup(config_file: str, opts: Sequence[str]) -> Tuple[CfgNode, Optional[Backbone]]:
+    """The YAML keys of ``config_file`` with ``opts``, its datasets registered, and for a
+    ``.py`` config its backbone (built without weights), which no key describes."""
+    if not is_lazy_config(config_file):
+        cfg = load_config(config_file, opts)
+        register_config_datasets(cfg)
+        return cfg, None
+    lazy = load_lazy_config(config_file, opts)  # registers its datasets
+    backbone = backbone_without_weights(lazy)
+    cfg = yacs_keys(lazy)
+    _check_anchors(cfg, lazy, backbone)
+    return cfg, backbone
+
+
+def _check_anchors(cfg: CfgNode, lazy: Any, backbone: Backbone) -> None:
+    """The anchors that ``cfg``'s keys build (detectron2's ``build_anchor_generator`` on the
+    backbone's shapes, as the analysis builds them) are the config's own generator's."""
+    shapes, divisibility, square = backbone_shapes(cfg, backbone)
+    layout = anchor_layout(cfg, shapes, divisibility, square)
+    generator = instantiate(anchor_owner(lazy.model)[1].anchor_generator)
+    cells = [c.float().cpu() for c in generator.cell_anchors]
+    same = (
+        [int(s) for s in generator.strides] == layout.strides
+        and float(generator.offset) == layout.offset
+        and all(torch.equal(a, b) for a, b in zip(cells, layout.cell_anchors))
+        and len(cells) == len(layout.cell_anchors)
+    )
+    if not same:
+        raise ValueError(
+            "the config's anchor generator does not place its anchors on the strides of the "
+            f"head's input features {layout.strides}; analyze_anchors cannot analyse it"
+        )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(
         prog="python -m retinanet_plugin.tools.analyze_anchors", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--config-file", required=True, metavar="FILE",
+                        help="YAML or Python (lazy) .py config")
     parser.add_argument("--dataset", action="append",
                         help="registered dataset name or COCO JSON file (repeatable); "
                         "default: the config's DATASETS.TRAIN")
@@ -73,14 +119,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--search-pairs", type=int, default=20000,
                         help="box-and-size pairs the proposal search scores candidates on")
     parser.add_argument("--no-proposal", action="store_true", help="only measure coverage")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="config overrides: KEY VALUE pairs (YAML), key=value words (.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    cfg = setup_cfg(args.config_file, args.opts)
+    cfg, backbone = setup(args.config_file, args.opts)
     datasets = args.dataset or list(cfg.DATASETS.TRAIN)
     report, current, proposal = analyze(cfg, datasets, max_search_pairs=args.search_pairs,
-                                        propose=not args.no_proposal)
+                                        propose=not args.no_proposal, backbone=backbone)
     report["config_file"] = args.config_file
     out_dir = args.output or os.path.join(cfg.OUTPUT_DIR, "anchor_analysis")
     os.makedirs(out_dir, exist_ok=True)

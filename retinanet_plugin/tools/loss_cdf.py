@@ -17,6 +17,11 @@ Usage::
         [--dataset NAME] [--gammas 0 0.5 1 2] [--output DIR] [--max-images 500] \
         [--negatives-per-image M] [KEY VALUE ...]
 
+``--config-file`` is a YAML or a Python (lazy) ``.py`` config (with ``key=value`` overrides):
+a ``.py`` config's model is ``model`` instantiated, its mapper ``dataloader.train.mapper`` with the
+test resize of ``dataloader.test.mapper``, and the few YAML keys read here (``DATASETS.TEST``,
+``OUTPUT_DIR``, the meta-architecture) are converted by :func:`retinanet_plugin.lazy.yacs_keys`.
+
 Writes ``loss_cdf.png``, ``loss_cdf.csv`` (the curves on a grid of fractions) and
 ``loss_cdf.json`` (sample counts and, per gamma, the share of the loss carried by the hardest
 1% / 10% / 20% of samples) to the output directory.
@@ -38,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from detectron2.config import CfgNode, instantiate
 from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
@@ -50,10 +56,9 @@ from ..config import load_config
 from ..data.deepforest import DATASET_NAMES, register_deepforest
 from ..data.mapper import RobustDatasetMapper, build_dataset_mapper
 from ..data.registration import register_config_datasets
-from ..lazy import is_lazy_config
+from ..lazy import is_lazy_config, load_lazy_config, yacs_keys
 from ..losses import sigmoid_focal_loss_from_labels
 from ..meta_arch import FocalRetinaNet
-from .model_setup import lazy_config_refusal
 
 __all__ = ["anchor_logits_and_labels", "normalized_cdf", "split_focal_losses", "main"]
 
@@ -240,17 +245,45 @@ def write_outputs(losses: Dict[str, Dict[float, np.ndarray]], output_dir: str,
     return summary
 
 
-def _mapper(cfg) -> RobustDatasetMapper:
+def _mapper(cfg, lazy=None) -> RobustDatasetMapper:
     """The trainer's mapper (ground truth kept, crowd regions with CROWD_IGNORE) at the test
-    resolution, with no random augmentation and no image skipped."""
+    resolution, with no random augmentation and no image skipped; of a ``.py`` config
+    (``lazy``), its ``dataloader.train.mapper`` so changed (``cfg``: its :func:`yacs_keys`)."""
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    return build_dataset_mapper(cfg, is_train=True, augmentations=[resize], skip_unreadable=False)
+    if lazy is None:
+        return build_dataset_mapper(
+            cfg, is_train=True, augmentations=[resize], skip_unreadable=False
+        )
+    node = lazy.dataloader.train.mapper
+    overrides = {"augmentations": []}
+    if "skip_unreadable" in node:
+        overrides["skip_unreadable"] = False
+    saved = {key: node[key] for key in overrides if key in node}
+    try:  # set in place: the node's ${..} interpolations need its parent
+        node.update(overrides)
+        mapper = instantiate(node)
+    finally:
+        node.update(saved)
+    mapper.augmentations = T.AugmentationList([resize])
+    return mapper
+
+
+def _load(config_file: str, opts: Sequence[str]) -> Tuple[CfgNode, Optional[object]]:
+    """The YAML keys of ``config_file`` (a ``.py`` config's converted) with its datasets
+    registered, and the ``.py`` config itself (None for YAML)."""
+    if not is_lazy_config(config_file):
+        cfg = load_config(config_file, opts)
+        cfg.freeze()
+        register_config_datasets(cfg)
+        return cfg, None
+    lazy = load_lazy_config(config_file, opts)  # registers its datasets
+    return yacs_keys(lazy), lazy
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Figure 4 of the focal loss paper: the "
                                      "cumulative distribution of the loss of a trained model.")
-    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--config-file", required=True, help="YAML or Python (lazy) .py config")
     parser.add_argument("--weights", required=True, help="checkpoint of the trained model")
     parser.add_argument("--dataset", default=None,
                         help="registered dataset name (default: the config's first TEST set)")
@@ -262,10 +295,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--negatives-per-image", type=int, default=DEFAULT_NEGATIVES_PER_IMAGE,
                         help="at most this many negative samples per image, a uniform random "
                         "subset (0: all). COCO gives ~10M per image, 4 bytes each per gamma")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="config overrides: KEY VALUE pairs (YAML), key=value words (.py)")
     args = parser.parse_args(argv)
-    if is_lazy_config(args.config_file):  # its internals read the YAML keys throughout
-        parser.error(str(lazy_config_refusal(args.config_file, "loss_cdf")))
     if any(g < 0 for g in args.gammas):
         parser.error(f"--gammas must be >= 0, got {args.gammas}")
     if args.max_images <= 0:
@@ -280,9 +312,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     setup_logger()  # detectron2's own messages
     setup_logger(name="fvcore")  # checkpoint loading, missing or unexpected keys
     setup_logger(name="retinanet_plugin")
-    cfg = load_config(args.config_file, args.opts)
-    cfg.freeze()
-    register_config_datasets(cfg)
+    cfg, lazy = _load(args.config_file, args.opts)
     if cfg.MODEL.META_ARCHITECTURE != "FocalRetinaNet":
         raise ValueError(f"MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}; the loss "
                          "distribution needs FocalRetinaNet (its anchor labelling)")
@@ -294,11 +324,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if not os.path.isfile(args.weights):
         raise FileNotFoundError(f"--weights {args.weights}: no such file")
 
-    model = build_model(cfg)
+    model = build_model(cfg) if lazy is None else instantiate(lazy.model).to(cfg.MODEL.DEVICE)
     RetinaNetCheckpointer(model).load(args.weights)
     model.eval()
     dicts = DatasetCatalog.get(dataset)[: args.max_images]
-    mapper = _mapper(cfg)
+    mapper = _mapper(cfg, lazy)
     logger.info("Loss distribution of %s on %d images of %s, gammas %s", args.weights,
                 len(dicts), dataset, args.gammas)
     losses = collect_losses(model, (mapper(d) for d in dicts), args.gammas,
