@@ -24,6 +24,7 @@ from detectron2.structures import BoxMode
 from retinanet_plugin.data import deepforest
 from retinanet_plugin.data.coco_check import validate_coco_json
 from retinanet_plugin.data.deepforest import (
+    DATASET_NAMES,
     fetch_deepforest,
     prepare_deepforest,
     register_deepforest,
@@ -235,6 +236,12 @@ def test_cli_prints_counts(dataset, capsys):
 @pytest.fixture
 def registered(dataset):
     root, _ = dataset
+    # A test that ran train_net.py in this process with a DeepForest config (tests/test_cli.py)
+    # left the sets registered at the default root; this test registers them at its own.
+    for name in DATASET_NAMES.values():
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
     names = register_deepforest(root)
     yield root, names
     for name in names:
