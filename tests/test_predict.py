@@ -285,6 +285,53 @@ def test_expand_inputs_folders_globs_repeats_and_misses(tmp_path):
     assert predict_tool.is_video(files[2]) and not predict_tool.is_video(files[0])
 
 
+def test_expand_inputs_gives_a_file_named_through_symlinks_once(tmp_path):
+    """A file and a symlink to it (or to its folder) are one input, under its first spelling."""
+    real = tmp_path / "real"
+    real.mkdir()
+    for name in ("a.png", "b.png"):
+        (real / name).write_bytes(b"")
+    (tmp_path / "alias.png").symlink_to(real / "a.png")
+    (tmp_path / "linked").symlink_to(real, target_is_directory=True)
+    files, missing = predict_tool.expand_inputs(
+        [str(tmp_path / "alias.png"), str(tmp_path / "linked"), str(real / "b.png")]
+    )
+    names = [os.path.relpath(f, tmp_path) for f in files]
+    assert names == ["alias.png", os.path.join("linked", "b.png")]
+    assert missing == []
+
+
+def test_dataset_image_through_a_symlink_is_predicted_once(detector, tmp_path):
+    """A dataset image given through a symlink and through its real path (here its folder) is
+    one image: its image id once in the results, as COCOEvaluator's, so that COCO.loadRes counts
+    its detections once; its drawing and images.json entry take the first spelling."""
+    cfg, model = detector
+    folder, coco = _register_dataset(tmp_path)
+    cfg = _dataset_cfg(cfg)
+    _, summary = predict_tool.predict(cfg, model, [str(folder)], str(tmp_path / "plain"))
+    with open(summary["results_file"]) as f:
+        expected = json.load(f)
+
+    links = tmp_path / "links"
+    links.mkdir()
+    alias = links / "alias.png"
+    alias.symlink_to(folder / "img0.png")
+    out = tmp_path / "out"
+    failed, summary = predict_tool.predict(cfg, model, [str(alias), str(folder)], str(out))
+    assert failed == [] and summary["images"] == 4
+    with open(summary["results_file"]) as f:
+        assert _sorted(json.load(f)) == _sorted(expected)
+    with open(summary["images_file"]) as f:
+        images = json.load(f)["images"]
+    assert [(im["id"], im["file_name"]) for im in images] == [
+        (10, str(alias)), *((11 + i, str(folder / f"img{i + 1}.png")) for i in range(3))
+    ]
+    assert sorted(os.listdir(out)) == sorted(
+        ["alias.png", "img1.png", "img2.png", "img3.png", "coco_instances_results.json",
+         "images.json"]
+    )
+
+
 def test_coco_config_has_coco_category_ids_without_annotation_files(tmp_path, monkeypatch):
     """Issue 15 item 2: with the COCO config and no instances_val2017.json on disk, the category
     ids are COCO's own (1..90, from detectron2's builtin metadata), not 0..79."""

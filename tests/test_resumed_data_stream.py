@@ -220,3 +220,71 @@ def test_sampler_state_restores_a_random_seed():
     second.load_state_dict(first.state_dict())
     assert second._seed == first._seed
     assert second.layout_changes() == ["images per batch per process: 2 then, 4 now"]
+
+
+def test_sampler_state_holds_what_it_shuffles(tmp_path):
+    """The state holds the number of images and whether they are shuffled: the saved seed gives
+    the checkpointed run's stream only over the same images. A state without them (written by an
+    older retinanet_plugin) still loads, with nothing to compare."""
+    state = ResumableTrainingSampler(10, seed=3, images_per_batch=2).state_dict()
+    path = tmp_path / "state.pth"
+    torch.save({"data_sampler": state}, path)  # as the checkpointer saves it
+    state = torch.load(path, map_location="cpu", weights_only=True)["data_sampler"]
+
+    same = ResumableTrainingSampler(10, seed=3, images_per_batch=2)
+    same.load_state_dict(state)
+    assert same.data_changes() == []
+    grown = ResumableTrainingSampler(12, seed=None, images_per_batch=2)
+    grown.load_state_dict(state)
+    assert grown._seed == 3
+    assert grown.data_changes() == [
+        "the training set has 12 images, 10 when the checkpoint was written"
+    ]
+    unshuffled = ResumableTrainingSampler(10, shuffle=False, seed=3, images_per_batch=2)
+    unshuffled.load_state_dict(state)
+    assert unshuffled.data_changes() == ["the images were shuffled then, are not shuffled now"]
+
+    old = {key: state[key] for key in ("seed", "world_size", "images_per_batch")}
+    grown.load_state_dict(old)
+    assert grown._seed == 3 and grown.data_changes() == [] and grown.layout_changes() == []
+
+
+def test_resume_with_images_added_to_the_dataset_is_reported(tmp_path):
+    """Images added to the training JSON between the checkpoint and --resume: the saved seed
+    shuffles another number of images, so the resumed stream is not the uninterrupted run's, and
+    the log says so instead of "as an uninterrupted run's"."""
+    name = "resume_stream_grown"
+    folder = tmp_path / "data"
+    folder.mkdir()
+    json_file = _write_images(folder)
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {"thing_classes": ["a"]}, str(json_file), str(folder))
+    try:
+        train_net = _load_train_net()
+        out = tmp_path / "out"
+        opts = _opts(name, "DATALOADER.ASPECT_RATIO_GROUPING", "False")
+        trainer = train_net.Trainer(train_net.setup(_args(out, *opts)))
+        trainer.iter = 2
+        trainer.checkpointer.save("model_0000002", iteration=2)
+
+        coco = json.loads(json_file.read_text())  # two more images (copies of the first two)
+        for i in (10, 11):
+            (folder / f"img{i}.png").write_bytes((folder / f"img{i - 10}.png").read_bytes())
+            image = dict(coco["images"][i - 10], id=i + 1, file_name=f"img{i}.png")
+            annotation = dict(coco["annotations"][i - 10], id=i + 1, image_id=i + 1)
+            coco["images"].append(image)
+            coco["annotations"].append(annotation)
+        json_file.write_text(json.dumps(coco))
+
+        resumed = train_net.Trainer(train_net.setup(_args(out, *opts, resume=True)))
+        resumed.resume_or_load(resume=True)
+        assert resumed.start_iter == 3
+        log = _log(out)
+        assert "as an uninterrupted run's" not in log
+        assert "but not with the images an uninterrupted run would train on next" in log
+        assert "the training set has 12 images, 10 when the checkpoint was written" in log
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

@@ -66,6 +66,10 @@ class ResumableTrainingSampler(TrainingSampler):
     """``TrainingSampler`` that continues where a checkpointed run was, optionally seeding each
     image.
 
+    The exact resume assumes a mapper that never returns None (detectron2's loader drops such an
+    image, which shifts every later position); the plugin's mapper replaces an unreadable image
+    instead.
+
     Attributes:
         per_image_seed (bool): before each image is loaded (in the loader worker, or in the
             main process without workers) numpy's and Python's global RNGs, which detectron2's
@@ -130,14 +134,19 @@ class ResumableTrainingSampler(TrainingSampler):
 
     def state_dict(self) -> Dict[str, int]:
         """What makes a resumed run's stream the same: the shuffle's seed (drawn at random when
-        detectron2 is given none), and how the stream is split into processes and batches."""
+        detectron2 is given none), how the stream is split into processes and batches, and
+        what is shuffled (the number of images, whether they are shuffled)."""
         return {
             "seed": int(self._seed),
             "world_size": self._world_size,
             "images_per_batch": self.images_per_batch,
+            "size": self._size,
+            "shuffle": int(self._shuffle),
         }
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
+        """Restore the seed; the rest is compared with this run's (:meth:`layout_changes`,
+        :meth:`data_changes`). States written before "size" and "shuffle" were saved load too."""
         self._seed = int(state["seed"])
         self.restored = dict(state)
 
@@ -153,6 +162,23 @@ class ResumableTrainingSampler(TrainingSampler):
             for key, value in now.items()
             if key in self.restored and self.restored[key] != value
         ]
+
+    def data_changes(self) -> List[str]:
+        """How the images this run shuffles differ from the checkpointed run's: their number
+        (e.g. images added to the training set's JSON), whether they are shuffled (empty when
+        neither differs, or when the restored state does not hold them)."""
+        if self.restored is None:
+            return []
+        changes = []
+        if "size" in self.restored and int(self.restored["size"]) != self._size:
+            changes.append(
+                f"the training set has {self._size} images, {int(self.restored['size'])} when "
+                "the checkpoint was written"
+            )
+        if "shuffle" in self.restored and bool(self.restored["shuffle"]) != self._shuffle:
+            then, now = ("not ", "") if self._shuffle else ("", "not ")
+            changes.append(f"the images were {then}shuffled then, are {now}shuffled now")
+        return changes
 
     # ---- resuming ----
 

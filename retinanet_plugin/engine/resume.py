@@ -156,6 +156,11 @@ def _why_stream_differs(sampler: ResumableTrainingSampler) -> List[str]:
             "SEED is negative, so this run shuffles the images with another seed"
         )
     reasons += [f"the stream is split differently ({c})" for c in sampler.layout_changes()]
+    # The saved seed shuffles another set of images into another order.
+    reasons += [
+        f"the sampler's images changed ({c}), so the saved seed gives another stream"
+        for c in sampler.data_changes()
+    ]
     if not sampler.exact:
         reasons.append(
             "with DATALOADER.ASPECT_RATIO_GROUPING the images waiting in the aspect-ratio "

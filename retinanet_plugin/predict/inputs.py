@@ -36,6 +36,11 @@ def expand_inputs(patterns: Sequence[str]) -> Tuple[List[str], List[str]]:
     """Files named by ``patterns``: files as given, folders' image and video files (not
     recursive, sorted), glob matches (sorted, ``**`` recursive).
 
+    A file named twice, under any spelling (a symlink, a symlinked folder), is one input under
+    its first spelling: repeats are found by real path, as predict's ``match_dataset`` matches
+    files to a dataset's records, so that no dataset image is predicted (and its image id
+    written) twice.
+
     Returns:
         list[str]: the files, in order, without repeats; list[str]: patterns that matched nothing.
     """
@@ -54,7 +59,7 @@ def expand_inputs(patterns: Sequence[str]) -> Tuple[List[str], List[str]]:
         if not matches:
             unmatched.append(pattern)
         for match in matches:
-            key = os.path.abspath(match)
+            key = os.path.realpath(match)
             if key not in seen:
                 seen.add(key)
                 files.append(match)
