@@ -75,6 +75,8 @@ PLACEHOLDER_CONFIGS = {
     "CONFIG": "configs/Base-FocalRetinaNet.yaml",
     # README.md: the user's copy of the example, made by the `cp` the text shows
     "configs/my_coco.yaml": "configs/custom_coco_example.yaml",
+    # README.md: the same for the Python config
+    "configs/my_coco.py": "configs/custom_coco_example.py",
     # reliability.md: the crafted config (its _BASE_ the demo config) that the loader refuses
     "evil.yaml": "configs/demo_deepforest_mobilenet_v2_fpn.yaml",
 }
