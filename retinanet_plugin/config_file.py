@@ -36,11 +36,24 @@ _BASE_KEY = "_BASE_"
 _MAX_EXPRESSION_CHARS = 10_000
 _MAX_INT_BITS = 128
 _MAX_LIST_LENGTH = 10_000
-_MAX_STEPS = 100_000  # nodes evaluated, in all of a file's eval tags; a loop iteration is one
+# Nodes evaluated, in all the eval tags of a config's files (the file and its _BASE_ chain); a loop
+# iteration is one.
+_MAX_STEPS = 100_000
+# Numbers and lists in the values that all the eval tags of a config's files make, a list counted
+# again with all its elements each time it is placed once more (``[[v, v] for v in [...]]`` nested
+# 60 deep makes 2 ** 60 elements from a few steps).
+_MAX_ELEMENTS = 100_000
 _BOUNDS = (
     f"integers of at most {_MAX_INT_BITS} bits, finite floats, lists of at most "
-    f"{_MAX_LIST_LENGTH} items, {_MAX_STEPS} steps in a file"
+    f"{_MAX_LIST_LENGTH} items, {_MAX_ELEMENTS} elements (numbers and lists, a reused list counted "
+    f"each time it is placed) and {_MAX_STEPS} steps in all of a config's files"
 )
+# A config and its _BASE_ files: each resolved path is read once per load, and the _BASE_ tree
+# holds at most this many entries (a file named again counted again: merging visits it again).
+_MAX_BASE_ENTRIES = 64
+# Values (mapping keys and values, list items) in all of a config's files, a YAML alias counted
+# each time it is used: ``b: &b [*a, *a]`` repeated builds 2 ** n values from a few lines.
+_MAX_VALUES = 1_000_000
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Div: operator.truediv, ast.Pow: operator.pow}  # fmt: skip
@@ -58,24 +71,39 @@ class _BadArithmetic(Exception):
     """Arithmetic in an eval tag that fails in Python or exceeds the bounds above."""
 
 
+class _Budget:
+    """What one config's files (the file and its ``_BASE_`` chain) have used of the bounds."""
+
+    def __init__(self) -> None:
+        self.steps = 0  # of _MAX_STEPS
+        self.elements = 0  # of _MAX_ELEMENTS
+        self.values = 0  # of _MAX_VALUES
+        self.base_entries = 0  # of _MAX_BASE_ENTRIES
+
+
 class _Arithmetic:
     """Computes an eval-tag expression as Python's eval would, over int and float constants,
     lists, tuples and list comprehensions, with ``+ - * / **`` and unary ``+ -``.
 
     Cost is bounded by what is computed, not by the expression's shape: each evaluated node is a
     step, a power is refused before it is computed when its result would exceed the integer
-    bound, and every value is checked as it is made (an int's bits, a float's finiteness, a
-    list's length).
+    bound, every value is checked as it is made (an int's bits, a float's finiteness, a list's
+    length), and the elements of the values made are counted: a list placed into another list
+    for the first time adds itself, one already placed (a loop variable, a reused value) adds all
+    its elements again, so the count bounds the full size of every value, shared parts included.
     """
 
-    def __init__(self, expression: str, steps: int = 0):
+    def __init__(self, expression: str, budget: Optional[_Budget] = None):
         """
         Args:
             expression: the eval tag's argument.
-            steps: steps already taken by the file's earlier eval tags (they share one budget).
+            budget: the steps and elements already taken by the earlier eval tags of the config's
+                files (they share one budget), updated as this expression is computed.
         """
         self.expression = expression
-        self.steps = steps
+        self.budget = _Budget() if budget is None else budget
+        # id of each list or tuple made -> [the value (kept alive), its elements, placed yet].
+        self._lists: Dict[int, List[Any]] = {}
 
     def _says(self, what: str) -> str:
         shown = self.expression if len(self.expression) <= 200 else self.expression[:200] + "..."
@@ -124,10 +152,13 @@ class _Arithmetic:
                 raise _UnsafeTag(self._says("filters its comprehension or unpacks its variable"))
 
     def _eval(self, node: ast.AST, names: Dict[str, Any]) -> Any:
-        self.steps += 1
-        if self.steps > _MAX_STEPS:
+        self.budget.steps += 1
+        if self.budget.steps > _MAX_STEPS:
             raise _BadArithmetic(
-                self._says(f"takes more than {_MAX_STEPS} steps (with the file's other eval tags)")
+                self._says(
+                    f"takes more than {_MAX_STEPS} steps (with the other eval tags of the config's "
+                    "files)"
+                )
             )
         if isinstance(node, ast.Constant):
             value = node.value
@@ -136,11 +167,14 @@ class _Arithmetic:
                 raise _BadArithmetic(self._says(f"uses {node.id!r} before it is bound"))
             value = names[node.id]
         elif isinstance(node, (ast.List, ast.Tuple)):
-            value = [self._eval(element, names) for element in node.elts]
-            value = value if isinstance(node, ast.List) else tuple(value)
+            value = []
+            for element in node.elts:
+                self._place(self._eval(element, names), value)
+            value = self._made(value if isinstance(node, ast.List) else tuple(value))
         elif isinstance(node, ast.ListComp):
             value = []
             self._comprehend(node.elt, node.generators, names, value)
+            self._made(value)
         elif isinstance(node, ast.UnaryOp):
             value = _UNARY[type(node.op)](self._number(self._eval(node.operand, names)))
         else:
@@ -155,7 +189,7 @@ class _Arithmetic:
         out: List[Any],
     ) -> None:
         if not generators:
-            out.append(self._eval(element, names))
+            self._place(self._eval(element, names), out)
             self._checked(out)
             return
         # Python's scoping: the first iterable is evaluated where the comprehension is, each
@@ -166,6 +200,39 @@ class _Arithmetic:
         for value in iterable:
             self._comprehend(
                 element, generators[1:], {**names, generators[0].target.id: value}, out
+            )
+
+    def _place(self, value: Any, into: List[Any]) -> None:
+        """Appends ``value`` to the list being made, counting the elements it adds."""
+        made = self._lists.get(id(value)) if isinstance(value, (list, tuple)) else None
+        if made is None:  # a number
+            added = 1
+        elif made[2]:  # placed before: all its elements again
+            added = made[1]
+        else:  # its elements were counted as it was made
+            added, made[2] = 0, True
+        into.append(value)
+        self._count(added)
+
+    def _made(self, value: Any) -> Any:
+        """Records a list or tuple just made (its elements: itself and what was placed in it)."""
+        elements = 1
+        for item in value:
+            made = self._lists.get(id(item)) if isinstance(item, (list, tuple)) else None
+            elements += 1 if made is None else made[1]
+        self._lists[id(value)] = [value, elements, False]
+        self._count(1)
+        return value
+
+    def _count(self, added: int) -> None:
+        self.budget.elements += added
+        if self.budget.elements > _MAX_ELEMENTS:
+            raise _BadArithmetic(
+                self._says(
+                    f"makes more than {_MAX_ELEMENTS} elements (numbers and lists, a reused list "
+                    "counted each time it is placed; with the other eval tags of the config's "
+                    "files)"
+                )
             )
 
     def _binary(self, node: ast.BinOp, names: Dict[str, Any]) -> Any:
@@ -202,19 +269,45 @@ class _Arithmetic:
 class _Loader(yaml.SafeLoader):
     """yaml's safe loader plus the arithmetic eval tag, computed by :class:`_Arithmetic`."""
 
-    def __init__(self, stream: Any):
+    def __init__(self, stream: Any, budget: Optional[_Budget] = None):
         super().__init__(stream)
-        self.eval_steps = 0  # of all the file's eval tags: _MAX_STEPS bounds them together
+        # Of all the eval tags of the config's files: the bounds hold for them together.
+        self.budget = _Budget() if budget is None else budget
 
 
 def _construct_eval(loader: _Loader, node: yaml.Node) -> Any:
     args = loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else None
     if not args or len(args) != 1 or not isinstance(args[0], str):
         raise _UnsafeTag(f"{node.tag} with arguments other than one expression string")
-    arithmetic = _Arithmetic(args[0], steps=loader.eval_steps)
-    value = arithmetic.evaluate()
-    loader.eval_steps = arithmetic.steps
-    return value
+    return _Arithmetic(args[0], loader.budget).evaluate()
+
+
+def _load_yaml(stream: Any, budget: _Budget) -> Any:
+    """``yaml.load(stream, Loader=_Loader)``, the eval tags within ``budget``."""
+    loader = _Loader(stream, budget)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _count_values(data: Any, budget: _Budget) -> None:
+    """Counts the values in ``data`` (a value reached twice through YAML aliases counted twice)
+    into ``budget``; stops, raising ValueError, once they exceed _MAX_VALUES."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        budget.values += 1
+        if budget.values > _MAX_VALUES:
+            raise ValueError(
+                f"holds more than {_MAX_VALUES} values (mapping keys and values, list items, a "
+                "YAML alias counted each time it is used, in all of the config's files)"
+            )
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
 
 
 _Loader.add_constructor(_EVAL_TAG, _construct_eval)
@@ -285,20 +378,31 @@ def read_config_file(path: str) -> ConfigFile:
     Raises:
         ValueError: naming ``path`` and the file at fault, when a file holds another Python tag
             (which could run code while loading), an eval expression that is not arithmetic or
-            exceeds the bounds, or no mapping of keys; or when the chain includes itself.
+            exceeds the bounds (for all the eval tags of the chain together), no mapping of keys,
+            or more than 1,000,000 values counting each use of a YAML alias; when the chain
+            includes itself; or when its ``_BASE_`` entries number more than 64 (each resolved
+            file is read once per call, a file named again counted again).
         FileNotFoundError: a ``_BASE_`` file is missing; the message names the entry, the file
             that names it, the folder it was looked for in, and the fix.
     """
-    return _read(path, top=path, chain=())
+    return _read(path, top=path, chain=(), budget=_Budget(), read={})
 
 
-def _read(path: str, top: str, chain: Tuple[str, ...]) -> ConfigFile:
+def _read(
+    path: str,
+    top: str,
+    chain: Tuple[str, ...],
+    budget: _Budget,
+    read: Dict[str, Tuple[ConfigFile, int]],
+) -> ConfigFile:
+    """Reads ``path`` and its bases into ``read`` (resolved path -> the file, and the number of
+    _BASE_ entries beneath it), each resolved path once."""
     if path in chain:
         raise ValueError(f"Config file {top}: {path} includes itself through _BASE_")
     within = f"Config file {top} (or one of its _BASE_ files)"
     try:
         with PathManager.open(path, "r") as f:
-            data = yaml.load(f, Loader=_Loader)
+            data = _load_yaml(f, budget)
     except (yaml.constructor.ConstructorError, _UnsafeTag) as e:
         raise ValueError(
             f"{within} holds a YAML tag that builds Python objects, which could run code while "
@@ -313,6 +417,10 @@ def _read(path: str, top: str, chain: Tuple[str, ...]) -> ConfigFile:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ValueError(f"{within}: {path} holds a {type(data).__name__}, not config keys")
+    try:
+        _count_values(data, budget)
+    except ValueError as e:
+        raise ValueError(f"{within}: {path} {e}; refused.") from e
     entries = data.pop(_BASE_KEY, [])
     entries = [entries] if isinstance(entries, str) else entries
     if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
@@ -320,8 +428,21 @@ def _read(path: str, top: str, chain: Tuple[str, ...]) -> ConfigFile:
             f"{within}: in {path}, _BASE_ must be a file or a list of files, got {entries!r}"
         )
     chain = chain + (path,)
-    bases = [_read(_base_file(path, entry), top, chain) for entry in entries]
-    return ConfigFile(path, data, bases)
+    bases = []
+    entries_before = budget.base_entries
+    for entry in entries:
+        base = _base_file(path, entry)
+        # A file named again is not read again, but merging visits it (and its bases) again.
+        budget.base_entries += 1 + (read[base][1] if base in read else 0)
+        if budget.base_entries > _MAX_BASE_ENTRIES:
+            raise ValueError(
+                f"{within}: in {path}, the _BASE_ entry {entry!r} takes the chain beyond "
+                f"{_MAX_BASE_ENTRIES} _BASE_ entries (a file named again counted again, with its "
+                "own _BASE_ entries); refused."
+            )
+        bases.append(read[base][0] if base in read else _read(base, top, chain, budget, read))
+    read[path] = (ConfigFile(path, data, bases), budget.base_entries - entries_before)
+    return read[path][0]
 
 
 # The configs/ folder of this checkout (absent from a wheel): a config copied out of it finds its

@@ -119,6 +119,29 @@ else:
 """
 
 
+def _refused_in_ten_seconds(path):
+    """What refused the config ``path``, loaded in a fresh process that may not take longer."""
+    run = subprocess.run(
+        [sys.executable, "-c", _LOAD_IN_TEN_SECONDS, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, f"killed or failed ({run.returncode}): {run.stderr[-2000:]}"
+    assert run.stdout.startswith("REFUSED:"), run.stdout[:2000]
+    return run.stdout
+
+
+def _shared(depth, leaf="0"):
+    """A comprehension reusing its loop variable, nested: 2 ** depth numbers from a few steps."""
+    expression = f"[{leaf}]"
+    for _ in range(depth):
+        expression = f"[[v, v] for v in [{expression}]]"
+    return expression
+
+
 @pytest.mark.parametrize(
     "expression",
     [
@@ -127,6 +150,12 @@ else:
         # Ten nested comprehensions of ten elements: 10 ** 10 elements.
         "[" * 10 + "0" + "".join(f" for x{i} in [0,1,2,3,4,5,6,7,8,9]]" for i in range(10)),
         "[[x, x] for x in [0] * 5]",  # small, but arithmetic on a list
+        # A reused value placed twice per level: 2 ** 60 (or 2 ** 24) numbers in a few steps.
+        _shared(60),
+        _shared(24, leaf="0.5"),
+        "[[a, a, a, a] for a in [[b, b, b, b] for b in [[c, c, c, c, c, c, c, c] for c in ["
+        + _shared(20)
+        + "]]]]",
     ],
 )
 def test_eval_tag_beyond_bounds_is_refused_at_once(tmp_path, expression):
@@ -139,17 +168,8 @@ def test_eval_tag_beyond_bounds_is_refused_at_once(tmp_path, expression):
         """,
     )
     child = _yaml(tmp_path / "child.yaml", "_BASE_: base.yaml\n")
-    run = subprocess.run(
-        [sys.executable, "-c", _LOAD_IN_TEN_SECONDS, str(child)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert run.returncode == 0, f"killed or failed ({run.returncode}): {run.stderr[-2000:]}"
-    assert run.stdout.startswith("REFUSED:"), run.stdout
-    assert str(child) in run.stdout and str(base) in run.stdout
+    out = _refused_in_ten_seconds(child)
+    assert str(child) in out and str(base) in out
 
 
 @pytest.mark.parametrize(
@@ -161,6 +181,8 @@ def test_eval_tag_beyond_bounds_is_refused_at_once(tmp_path, expression):
         ("[[x * y for x in [1, 2, 3] for y in [10, 20]]]", None),
         ("[[y for y in [x, x / 2]] for x in [64, 128]]", None),
         ("((16, 32),)", None),
+        ("[[v, v] for v in [[1, 2], (3, 4)]]", [[[1, 2], [1, 2]], [(3, 4), (3, 4)]]),
+        (_shared(12), None),  # 4096 numbers
         ("[[2 ** -3, 0.5 ** 2, -4, +4]]", [[0.125, 0.25, -4, 4]]),
     ],
 )
@@ -218,6 +240,79 @@ def test_eval_tags_of_a_file_share_one_budget(tmp_path):
                 ", ".join([tag] * 10) + "]\n")  # fmt: skip
     with pytest.raises(ValueError, match=r"ten\.yaml.*more than 100000 steps"):
         load_config_file(_cfg(), str(ten))
+
+
+def test_eval_budget_covers_the_whole_base_chain(tmp_path):
+    # Four nested comprehensions of ten: about 23 000 steps and elements each.
+    nested = "[" * 4 + "0" + "".join(f" for x{i} in [0,1,2,3,4,5,6,7,8,9]]" for i in range(4))
+    tags = ", ".join([f'!!python/object/apply:eval ["{nested}"]'] * 3)
+    base = _yaml(tmp_path / "base.yaml", f"MODEL:\n  ANCHOR_GENERATOR:\n    SIZES: [{tags}]\n")
+    assert len(load_config_file(_cfg(), str(base)).MODEL.ANCHOR_GENERATOR.SIZES) == 3
+    child = _yaml(tmp_path / "child.yaml", f"_BASE_: base.yaml\nMODEL:\n  PIXEL_STD: [{tags}]\n")
+    with pytest.raises(ValueError, match=r"child\.yaml.*base\.yaml.*more than 100000"):
+        load_config_file(_cfg(), str(child))
+    # Naming base.yaml twice reads it once: its tags count once.
+    twice = _yaml(tmp_path / "twice.yaml", "_BASE_: [base.yaml, base.yaml]\n")
+    assert len(load_config_file(_cfg(), str(twice)).MODEL.ANCHOR_GENERATOR.SIZES) == 3
+
+
+def test_yaml_aliases_beyond_a_million_values_are_refused_at_once(tmp_path):
+    # Each anchor a list of the previous one twice: 2 ** 40 numbers from 40 short lines.
+    anchors = ", ".join(["&a0 [1, 1]"] + [f"&a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, 40)])
+    path = _yaml(
+        tmp_path / "aliases.yaml", f"MODEL:\n  ANCHOR_GENERATOR:\n    SIZES: [{anchors}]\n"
+    )
+    out = _refused_in_ten_seconds(path)
+    assert str(path) in out and "more than 1000000 values" in out
+    small = _yaml(tmp_path / "small.yaml", "MODEL:\n  ANCHOR_GENERATOR:\n    SIZES: "
+                  "[&a [16, 32], *a, *a]\n")  # fmt: skip
+    ours = load_config_file(_cfg(), str(small))
+    theirs = _cfg()
+    theirs.merge_from_file(str(small))
+    assert ours.dump() == theirs.dump()
+    assert ours.MODEL.ANCHOR_GENERATOR.SIZES == [[16, 32]] * 3
+
+
+def test_base_files_named_again_are_read_once_and_bounded(tmp_path):
+    # f0 -> f1 four times -> f2 four times ... -> f10: 4 ** 10 files, merged, without the bound.
+    for i in range(10):
+        _yaml(tmp_path / f"f{i}.yaml", f"_BASE_: {[f'f{i + 1}.yaml'] * 4}\n")
+    _yaml(tmp_path / "f10.yaml", "SOLVER:\n  MAX_ITER: 5\n")
+    out = _refused_in_ten_seconds(tmp_path / "f0.yaml")
+    assert str(tmp_path / "f0.yaml") in out and "beyond 64 _BASE_ entries" in out
+
+
+def test_base_files_shared_by_siblings_load_as_detectron2_loads_them(tmp_path, monkeypatch):
+    _yaml(tmp_path / "common.yaml", "SOLVER:\n  MAX_ITER: 5\n  BASE_LR: 0.5\n"
+          "MODEL:\n  ANCHOR_GENERATOR:\n    " + ANCHORS_EVAL + "\n")  # fmt: skip
+    _yaml(tmp_path / "a.yaml", "_BASE_: common.yaml\nSOLVER:\n  MAX_ITER: 6\n")
+    _yaml(tmp_path / "b.yaml", "_BASE_: [common.yaml, common.yaml]\nSOLVER:\n  BASE_LR: 0.25\n")
+    child = _yaml(tmp_path / "child.yaml", "_BASE_: [a.yaml, b.yaml, a.yaml]\n")
+    theirs = _cfg()
+    theirs.merge_from_file(str(child))
+    from retinanet_plugin import config_file
+
+    opened = []
+    real_open = config_file.PathManager.open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(os.path.basename(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(config_file.PathManager, "open", counting_open)
+    ours = load_config_file(_cfg(), str(child))
+    assert ours.dump() == theirs.dump()
+    assert (ours.SOLVER.MAX_ITER, ours.SOLVER.BASE_LR) == (6, 0.5)  # the last a.yaml wins
+    assert sorted(opened) == ["a.yaml", "b.yaml", "child.yaml", "common.yaml"]
+    # A chain of exactly 64 _BASE_ entries still loads.
+    for i in range(64):
+        _yaml(tmp_path / "long" / f"g{i}.yaml", f"_BASE_: g{i + 1}.yaml\n")
+    _yaml(tmp_path / "long" / "g64.yaml", "SOLVER:\n  MAX_ITER: 9\n")
+    assert load_config_file(_cfg(), str(tmp_path / "long" / "g0.yaml")).SOLVER.MAX_ITER == 9
+    _yaml(tmp_path / "long" / "g64.yaml", "_BASE_: g65.yaml\n")
+    _yaml(tmp_path / "long" / "g65.yaml", "SOLVER:\n  MAX_ITER: 9\n")
+    with pytest.raises(ValueError, match=r"g0\.yaml.*g64\.yaml.*beyond 64 _BASE_ entries"):
+        load_config_file(_cfg(), str(tmp_path / "long" / "g0.yaml"))
 
 
 # ---- The reader agrees with detectron2's merge_from_file on detectron2's own configs ----------
