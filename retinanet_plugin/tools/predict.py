@@ -22,46 +22,12 @@ import sys
 import threading
 from typing import Iterator, Optional, Sequence
 
-from ..predict import (
-    FALLBACK_EXTENSION,
-    IMAGE_EXTENSIONS,
-    IMAGES_FILE,
-    OWN_IDS,
-    RESULTS_FILE,
-    VIDEO_EXTENSIONS,
-    Frame,
-    Predictor,
-    Progress,
-    Writer,
-    evaluation_model,
-    expand_inputs,
-    is_video,
-    match_dataset,
-    predict,
-    read_video,
-)
+from ..predict import expand_inputs, is_video, predict
 from .model_setup import load_cfg, load_model, setup_logging
 
-__all__ = [  # the CLI, and the library it runs, re-exported for code that imports it from here
-    "FALLBACK_EXTENSION",
-    "IMAGES_FILE",
-    "IMAGE_EXTENSIONS",
-    "OWN_IDS",
-    "RESULTS_FILE",
-    "VIDEO_EXTENSIONS",
-    "Frame",
-    "Predictor",
-    "Progress",
-    "Writer",
-    "evaluation_model",
-    "expand_inputs",
-    "is_video",
-    "main",
-    "match_dataset",
-    "parse_args",
-    "predict",
-    "read_video",
-]
+# The command line; the library it runs is retinanet_plugin.predict (re-exported here: the names
+# code imports from this module).
+__all__ = ["expand_inputs", "is_video", "main", "parse_args", "predict"]
 
 logger = logging.getLogger("retinanet_plugin.tools.predict")  # not __name__: "__main__" under -m
 
