@@ -25,10 +25,15 @@ resumes where it stopped. Settings (the paper's pairs of Tables 1a, 1b, 1d and A
 
 Usage::
 
-    python scripts/ablate.py [--settings CE FL-g2 ...] [--seeds 0 1 2] [--steps 200]
-        [--output output/ablation] [--threads 1] [--jobs 1] [--table-only] [-- KEY VALUE ...]
+    python scripts/ablate.py [--config-file FILE] [--settings CE FL-g2 ...] [--seeds 0 1 2]
+        [--steps 200] [--output output/ablation] [--threads 1] [--jobs 1] [--table-only]
+        [-- KEY VALUE ... | -- key=value ...]
 
-Anything after ``--`` is passed to every run as config overrides.
+``--config-file`` takes the YAML demo (the default) or a Python (lazy) config such as its twin
+``configs/demo_deepforest_mobilenet_v2_fpn.py``; each setting, the schedule, ``SEED`` /
+``train.seed`` and the output folder are then written as that config's overrides (one table,
+two renderings: :func:`yaml_opts`, :func:`lazy_opts`). Anything after ``--`` is passed to every
+run as config overrides: ``KEY VALUE`` pairs for a YAML config, ``key=value`` for a .py one.
 """
 
 import argparse
@@ -43,7 +48,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo_deepforest_mobilenet_v2_fpn.yaml"
@@ -51,44 +56,137 @@ METRICS = ("AP", "AP50", "AP75")
 
 logger = logging.getLogger("ablate")
 
-# name -> (what it is, config overrides on the demo recipe)
-SETTINGS: Dict[str, tuple] = {
-    "CE": ("CE, gamma 0, no alpha", [
-        "MODEL.RETINANET.CLS_LOSS", "SigmoidFocalLoss",
-        "MODEL.RETINANET.FOCAL_LOSS_GAMMA", "0.0", "MODEL.RETINANET.FOCAL_LOSS_ALPHA", "-1.0"]),
-    "alpha-CE": ("alpha-balanced CE, alpha 0.75", [
-        "MODEL.RETINANET.CLS_LOSS", "AlphaBalancedCE", "MODEL.RETINANET.FOCAL_LOSS_ALPHA", "0.75"]),
-    "FL-g0.5": ("FL gamma 0.5, alpha 0.5", [
-        "MODEL.RETINANET.CLS_LOSS", "SigmoidFocalLoss",
-        "MODEL.RETINANET.FOCAL_LOSS_GAMMA", "0.5", "MODEL.RETINANET.FOCAL_LOSS_ALPHA", "0.5"]),
-    "FL-g1": ("FL gamma 1, alpha 0.25", [
-        "MODEL.RETINANET.CLS_LOSS", "SigmoidFocalLoss",
-        "MODEL.RETINANET.FOCAL_LOSS_GAMMA", "1.0", "MODEL.RETINANET.FOCAL_LOSS_ALPHA", "0.25"]),
-    "FL-g2": ("FL gamma 2, alpha 0.25", [
-        "MODEL.RETINANET.CLS_LOSS", "SigmoidFocalLoss",
-        "MODEL.RETINANET.FOCAL_LOSS_GAMMA", "2.0", "MODEL.RETINANET.FOCAL_LOSS_ALPHA", "0.25"]),
-    "FL-g5": ("FL gamma 5, alpha 0.25", [
-        "MODEL.RETINANET.CLS_LOSS", "SigmoidFocalLoss",
-        "MODEL.RETINANET.FOCAL_LOSS_GAMMA", "5.0", "MODEL.RETINANET.FOCAL_LOSS_ALPHA", "0.25"]),
-    "FLstar": ("FL* gamma 2, beta 1", [
-        "MODEL.RETINANET.CLS_LOSS", "SigmoidFocalLossStar",
-        "MODEL.RETINANET.FOCAL_LOSS_GAMMA", "2.0", "MODEL.RETINANET.FOCAL_LOSS_STAR_BETA", "1.0",
-        "MODEL.RETINANET.FOCAL_LOSS_ALPHA", "-1.0"]),
-    "OHEM": ("OHEM, CE, 128 per image, NMS 0.5", [
-        "MODEL.RETINANET.CLS_LOSS", "OHEMLoss", "MODEL.RETINANET.FOCAL_LOSS_ALPHA", "-1.0",
-        "MODEL.RETINANET.OHEM.BATCH_SIZE_PER_IMAGE", "128",
-        "MODEL.RETINANET.OHEM.NMS_THRESH", "0.5"]),
-}  # fmt: skip
+
+class Setting(NamedTuple):
+    """One row of the table: the loss (a ``CLS_LOSS_REGISTRY`` name) and its constructor
+    arguments. An argument left out keeps a YAML config's value; on a .py config alpha / gamma
+    are the paper's 0.25 / 2 (Base-FocalRetinaNet.yaml's) and others the loss's defaults."""
+
+    description: str
+    loss: str
+    args: Dict[str, float]
 
 
-def schedule_opts(steps: int) -> List[str]:
-    """The demo's schedule scaled to ``steps``: LR drop at 80%, warm-up a quarter (at most 50)."""
+# Each setting once, as what it means; yaml_opts / lazy_opts write it as either config's keys.
+SETTINGS: Dict[str, Setting] = {
+    "CE": Setting("CE, gamma 0, no alpha", "SigmoidFocalLoss", {"gamma": 0.0, "alpha": -1.0}),
+    "alpha-CE": Setting("alpha-balanced CE, alpha 0.75", "AlphaBalancedCE", {"alpha": 0.75}),
+    "FL-g0.5": Setting("FL gamma 0.5, alpha 0.5", "SigmoidFocalLoss",
+                       {"gamma": 0.5, "alpha": 0.5}),
+    "FL-g1": Setting("FL gamma 1, alpha 0.25", "SigmoidFocalLoss", {"gamma": 1.0, "alpha": 0.25}),
+    "FL-g2": Setting("FL gamma 2, alpha 0.25", "SigmoidFocalLoss", {"gamma": 2.0, "alpha": 0.25}),
+    "FL-g5": Setting("FL gamma 5, alpha 0.25", "SigmoidFocalLoss", {"gamma": 5.0, "alpha": 0.25}),
+    "FLstar": Setting("FL* gamma 2, beta 1", "SigmoidFocalLossStar",
+                      {"gamma": 2.0, "beta": 1.0, "alpha": -1.0}),
+    "OHEM": Setting("OHEM, CE, 128 per image, NMS 0.5", "OHEMLoss",
+                    {"alpha": -1.0, "batch_size_per_image": 128, "nms_thresh": 0.5}),
+}
+
+# The YAML key of each loss argument (the loss's from_config reads it).
+YAML_KEYS = {
+    "alpha": "MODEL.RETINANET.FOCAL_LOSS_ALPHA",
+    "gamma": "MODEL.RETINANET.FOCAL_LOSS_GAMMA",
+    "beta": "MODEL.RETINANET.FOCAL_LOSS_STAR_BETA",
+    "batch_size_per_image": "MODEL.RETINANET.OHEM.BATCH_SIZE_PER_IMAGE",
+    "nms_thresh": "MODEL.RETINANET.OHEM.NMS_THRESH",
+}
+# The loss arguments FocalRetinaNet itself takes (detectron2's RetinaNet keywords), passed to a
+# loss it builds from a registry name (retinanet_plugin/losses/resolve.py).
+LAZY_MODEL_KEYS = {"alpha": "focal_loss_alpha", "gamma": "focal_loss_gamma"}
+
+
+def is_lazy(config_file: Path) -> bool:
+    return Path(config_file).suffix == ".py"
+
+
+def yaml_opts(name: str) -> List[str]:
+    """``KEY VALUE`` overrides of a YAML config giving setting ``name``."""
+    setting = SETTINGS[name]
+    opts = ["MODEL.RETINANET.CLS_LOSS", setting.loss]
+    for arg, value in setting.args.items():
+        opts += [YAML_KEYS[arg], str(value)]
+    return opts
+
+
+def lazy_opts(name: str) -> List[str]:
+    """``key=value`` overrides of a Python (lazy) config giving setting ``name``.
+
+    A loss whose arguments are only alpha / gamma, or others at its constructor's defaults (FL*
+    with beta 1), is the registry name with the model's ``focal_loss_alpha`` /
+    ``focal_loss_gamma``, as :func:`resolve_cls_loss` builds it. Any other (OHEM: 128 anchors, NMS
+    0.5) is the loss written out as a lazy call, ``model.cls_loss={_target_: ..., arg: value}``,
+    which ``instantiate`` builds; the model's ``focal_loss_*`` are then set to their defaults, as
+    a loss object requires. Arguments left out take the paper's alpha / gamma either way.
+    """
+    import inspect
+
+    from retinanet_plugin.losses import CLS_LOSS_REGISTRY
+    from retinanet_plugin.losses.resolve import FOCAL_LOSS_ALPHA, FOCAL_LOSS_GAMMA
+
+    setting = SETTINGS[name]
+    loss_class = CLS_LOSS_REGISTRY.get(setting.loss)
+    takes = inspect.signature(loss_class.__init__).parameters
+    paper = {"alpha": FOCAL_LOSS_ALPHA, "gamma": FOCAL_LOSS_GAMMA}
+    unknown = sorted(set(setting.args) - set(takes))
+    if unknown:
+        raise ValueError(f"setting {name}: {setting.loss} takes no {unknown}")
+    others = {arg: value for arg, value in setting.args.items()
+              if arg not in LAZY_MODEL_KEYS and value != takes[arg].default}
+    if not others:
+        return [f"model.cls_loss={setting.loss}"] + [
+            f"model.{key}={setting.args.get(arg, paper[arg])!r}"
+            for arg, key in LAZY_MODEL_KEYS.items()
+        ]
+    args = {arg: value for arg, value in paper.items() if arg in takes}
+    args.update(setting.args)
+    call = ",".join([f"_target_:{loss_class.__module__}.{loss_class.__qualname__}"]
+                    + [f"{arg}:{value!r}" for arg, value in args.items()])
+    return [f"model.cls_loss={{{call}}}"] + [
+        f"model.{key}={paper[arg]!r}" for arg, key in LAZY_MODEL_KEYS.items()
+    ]
+
+
+def setting_opts(name: str, config_file: Path) -> List[str]:
+    return lazy_opts(name) if is_lazy(config_file) else yaml_opts(name)
+
+
+def schedule(steps: int) -> Dict[str, int]:
+    """The demo's schedule scaled to ``steps``: LR drop at 80%, warm-up a quarter (at most 50),
+    a checkpoint only at the end (model_final)."""
+    return {"max_iter": steps, "drop": max(1, int(steps * 0.8)),
+            "warmup": max(1, min(50, steps // 4)), "checkpoint_period": 10 * steps}
+
+
+def schedule_opts(steps: int, config_file: Path = DEMO_CONFIG) -> List[str]:
+    """:func:`schedule` as overrides of ``config_file``'s kind. A lazy schedule is in fractions
+    of its ``num_updates``: it is set to ``steps`` with the drop and warm-up at the iterations
+    the YAML solver has (the demo .py's 160 / 200 and 50 / 200 differ from them when scaled, e.g.
+    the warm-up of a 1000-step run)."""
+    s = schedule(steps)
+    if is_lazy(config_file):
+        return [
+            f"train.max_iter={s['max_iter']}",
+            f"lr_multiplier.scheduler.milestones=[{s['drop']}]",
+            f"lr_multiplier.scheduler.num_updates={s['max_iter']}",
+            f"lr_multiplier.warmup_length={min(s['warmup'] / s['max_iter'], 1.0)!r}",
+            f"train.checkpointer.period={s['checkpoint_period']}",
+        ]
     return [
-        "SOLVER.MAX_ITER", str(steps),
-        "SOLVER.STEPS", f"({max(1, int(steps * 0.8))},)",
-        "SOLVER.WARMUP_ITERS", str(max(1, min(50, steps // 4))),
-        "SOLVER.CHECKPOINT_PERIOD", str(10 * steps),  # only model_final
+        "SOLVER.MAX_ITER", str(s["max_iter"]),
+        "SOLVER.STEPS", f"({s['drop']},)",
+        "SOLVER.WARMUP_ITERS", str(s["warmup"]),
+        "SOLVER.CHECKPOINT_PERIOD", str(s["checkpoint_period"]),
     ]  # fmt: skip
+
+
+def run_opts(seed: int, out: Path, config_file: Path) -> List[str]:
+    """The run's seed and output folder as overrides of ``config_file``'s kind."""
+    if is_lazy(config_file):
+        if "'" in str(out) or "\\" in str(out):
+            raise SystemExit(f"--output {out}: a quote or backslash in the path is not passed "
+                             "to a .py config's train.output_dir")
+        return [f"train.seed={seed}", f"train.output_dir='{out}'"]
+    return ["SEED", str(seed), "OUTPUT_DIR", str(out)]
 
 
 def run_dir(output: Path, setting: str, seed: int) -> Path:
@@ -108,16 +206,23 @@ def read_final_metrics(metrics_json: Path) -> Optional[Dict[str, float]]:
 
 
 def read_steps(run: Path) -> Optional[int]:
-    """SOLVER.MAX_ITER of a finished run, from the config.yaml detectron2 saved beside it."""
+    """The steps of a finished run, from the config.yaml detectron2 saved beside it:
+    ``SOLVER: MAX_ITER:`` (a YAML config) or ``train: max_iter:`` (a .py one, LazyConfig.save)."""
     config = run / "config.yaml"
     if not config.is_file():
         return None
-    found = re.search(r"^  MAX_ITER: (\d+)$", config.read_text(), flags=re.MULTILINE)
-    return int(found.group(1)) if found else None
+    text = config.read_text()
+    for section, key in (("SOLVER", "MAX_ITER"), ("train", "max_iter")):
+        # The section's block: its top-level line, then the indented lines up to the next one.
+        block = re.search(rf"^{section}:\n((?:[ #].*\n?|\n)*)", text, flags=re.MULTILINE)
+        found = block and re.search(rf"^  {key}: (\d+)$", block.group(1), flags=re.MULTILINE)
+        if found:
+            return int(found.group(1))
+    return None
 
 
 def run_one(setting: str, seed: int, steps: int, output: Path, threads: int,
-            extra_opts: Sequence[str]) -> Dict[str, float]:
+            extra_opts: Sequence[str], config_file: Path = DEMO_CONFIG) -> Dict[str, float]:
     """Trains and evaluates one run (skipped if already finished); returns its metrics."""
     out = run_dir(output, setting, seed)
     done = read_final_metrics(out / "metrics.json")
@@ -127,9 +232,9 @@ def run_one(setting: str, seed: int, steps: int, output: Path, threads: int,
                              f"{steps}: choose another --output")
         logger.info("%s seed %d: already done, AP %.2f", setting, seed, done["AP"])
         return done
-    cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(DEMO_CONFIG),
-           *SETTINGS[setting][1], *schedule_opts(steps), "SEED", str(seed),
-           "OUTPUT_DIR", str(out), *extra_opts]
+    cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(config_file),
+           *setting_opts(setting, config_file), *schedule_opts(steps, config_file),
+           *run_opts(seed, out, config_file), *extra_opts]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     logger.info("%s seed %d: %s", setting, seed, " ".join(cmd))
     start = time.time()
@@ -182,7 +287,7 @@ def markdown_table(results: Dict[str, Dict[int, Dict[str, float]]], steps: int) 
         stats = {m: summarize([r[m] for r in runs.values()]) for m in METRICS}
         seeds = ",".join(str(s) for s in sorted(runs))
         cells = " | ".join(_cell(stats[m]) for m in METRICS)
-        lines.append(f"| {setting} | {SETTINGS[setting][0]} | {seeds} | {cells} |")
+        lines.append(f"| {setting} | {SETTINGS[setting].description} | {seeds} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -235,6 +340,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         extra = argv[argv.index("--") + 1:]
         argv = argv[: argv.index("--")]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", default=str(DEMO_CONFIG), metavar="FILE",
+                        help="the recipe: a YAML config or a Python (lazy) .py one (default: "
+                             "the YAML demo; its .py twin trains the same runs)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), metavar="NAME",
                         help=f"subset of {list(SETTINGS)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -255,7 +363,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--steps must be > 0, got {args.steps}")
     if args.jobs <= 0:
         parser.error(f"--jobs must be > 0, got {args.jobs}")
-    if len(extra) % 2:
+    args.config_file = Path(args.config_file)
+    if not args.config_file.is_file():
+        parser.error(f"--config-file {args.config_file}: no such file")
+    if is_lazy(args.config_file):
+        if any("=" not in opt for opt in extra):
+            parser.error(f"config overrides after -- of a .py config are key=value, got {extra}")
+    elif len(extra) % 2:
         parser.error(f"config overrides after -- must be KEY VALUE pairs, got {extra}")
     args.opts = extra
     return args
@@ -278,7 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, Dict[str, 
                 steps_found.add(read_steps(run))
     else:
         def train(cell):
-            return run_one(cell[0], cell[1], args.steps, args.output, args.threads, args.opts)
+            return run_one(cell[0], cell[1], args.steps, args.output, args.threads, args.opts,
+                           args.config_file)
 
         # Each run is a process of its own; the threads here only wait for them.
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

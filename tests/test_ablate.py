@@ -108,13 +108,11 @@ def test_jobs_run_cells_at_once_and_the_table_keeps_the_settings_order(tmp_path,
     assert results["CE"][1]["AP"] == 11.0
 
 
-@pytest.mark.slow
-def test_one_tiny_real_run(tmp_path, monkeypatch):
-    """One setting, one seed, 2 steps, train_net.py in its own process, read back."""
+def _four_val_tiles(tmp_path: Path, monkeypatch):
+    """The run reads $DETECTRON2_DATASETS/deepforest: there, a val split of 4 tiles with trees."""
     # Inherited by the run: eager loss kernels (same numbers, tests/test_focal_loss.py) spare the
     # run a first compilation that costs more than its two steps.
     monkeypatch.setenv("RETINANET_PLUGIN_COMPILE", "0")
-    # The run reads $DETECTRON2_DATASETS/deepforest: there, a val split of 4 tiles with trees.
     source = REPO / "datasets" / "deepforest"
     prepare_deepforest(source)
     coco = json.loads((source / "val.json").read_text())
@@ -126,6 +124,12 @@ def test_one_tiny_real_run(tmp_path, monkeypatch):
     (data / "val.json").write_text(json.dumps(coco))
     (data / "images").symlink_to(source / "images")
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))
+
+
+@pytest.mark.slow
+def test_one_tiny_real_run(tmp_path, monkeypatch):
+    """One setting, one seed, 2 steps, train_net.py in its own process, read back."""
+    _four_val_tiles(tmp_path, monkeypatch)
     opts = [
         "--",
         "MODEL.MOBILENET.PRETRAINED", "False",
@@ -154,5 +158,131 @@ def test_one_tiny_real_run(tmp_path, monkeypatch):
     assert ablate.main(argv + opts) == results
     assert (run / "metrics.json").stat().st_mtime_ns == stamp
     # ... nor silently reported under another step count.
+    with pytest.raises(SystemExit, match="finished run of 2 steps, not 3"):
+        ablate.main([a if a != "2" else "3" for a in argv] + opts)
+
+
+# --------------------------------------------------------------------------------------------
+# A Python (lazy) config: the same runs from key=value overrides
+# --------------------------------------------------------------------------------------------
+LAZY_DEMO = REPO / "configs" / "demo_deepforest_mobilenet_v2_fpn.py"
+
+
+@pytest.fixture(scope="module")
+def twin_models():
+    """setting -> (model of the .py overrides, model of the YAML overrides), built once."""
+    from detectron2.config import instantiate
+    from detectron2.modeling import build_model
+
+    from retinanet_plugin.config import load_config
+    from retinanet_plugin.lazy import load_lazy_config
+
+    models = {}
+    for name in ablate.SETTINGS:
+        ycfg = load_config(str(ablate.DEMO_CONFIG))
+        ycfg.merge_from_list(ablate.yaml_opts(name) + ["MODEL.MOBILENET.PRETRAINED", "False"])
+        cfg = load_lazy_config(LAZY_DEMO, ablate.lazy_opts(name)
+                               + ["model.backbone.bottom_up.features.pretrained=False"])
+        models[name] = instantiate(cfg.model), build_model(ycfg)
+    return models
+
+
+@pytest.mark.parametrize("name", list(ablate.SETTINGS))
+def test_py_overrides_build_the_model_of_the_yaml_overrides(name, twin_models):
+    ours, theirs = twin_models[name]
+    assert type(ours.cls_loss) is type(theirs.cls_loss)
+    assert type(ours.cls_loss).__name__ == ablate.SETTINGS[name].loss
+    assert vars(ours.cls_loss) == vars(theirs.cls_loss)  # alpha, gamma, beta, OHEM's arguments
+    for arg, value in ablate.SETTINGS[name].args.items():  # ... and they are the setting's
+        assert getattr(ours.cls_loss, arg) == value, arg
+    assert repr(ours.loss_normalizer) == repr(theirs.loss_normalizer)
+    assert ours.postprocessing == theirs.postprocessing
+
+
+@pytest.mark.parametrize("steps", [2, 7, 200, 1000])
+def test_py_schedule_is_the_yaml_schedule(steps):
+    import torch
+
+    from detectron2.config import instantiate
+    from detectron2.solver import build_lr_scheduler
+
+    from retinanet_plugin.config import load_config
+    from retinanet_plugin.lazy import load_lazy_config
+
+    ycfg = load_config(str(ablate.DEMO_CONFIG))
+    ycfg.merge_from_list(ablate.schedule_opts(steps))
+    cfg = load_lazy_config(LAZY_DEMO, ablate.schedule_opts(steps, LAZY_DEMO))
+    theirs = build_lr_scheduler(ycfg, torch.optim.SGD([torch.zeros(1)], lr=1.0))._multiplier
+    ours = instantiate(cfg.lr_multiplier)
+    assert cfg.train.max_iter == ycfg.SOLVER.MAX_ITER == steps
+    assert cfg.train.checkpointer.period == ycfg.SOLVER.CHECKPOINT_PERIOD
+    assert [ours(i / steps) for i in range(steps)] == [theirs(i / steps) for i in range(steps)]
+
+
+def _write_lazy_config(path: Path, steps: int):
+    """What LazyConfig.save writes: keys nested under train, other sections around it."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(
+        "lr_multiplier:\n  scheduler:\n    num_updates: 999\n  warmup_length: 0.25\n"
+        f"train:\n  checkpointer: {{max_to_keep: 100, period: 20}}\n  max_iter: {steps}\n"
+        "  seed: 0\n")
+
+
+def test_a_py_config_runs_with_its_own_overrides(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        out = Path(next(a for a in cmd if a.startswith("train.output_dir="))
+                   .split("=", 1)[1].strip("'"))
+        _write_metrics(out, 10.0, 30.0, 1.0)
+        _write_lazy_config(out, 20)  # replaces the YAML one
+        return subprocess.CompletedProcess(cmd, returncode=0)
+
+    monkeypatch.setattr(ablate.subprocess, "run", fake_run)
+    argv = ["--config-file", str(LAZY_DEMO), "--settings", "OHEM", "--seeds", "4",
+            "--steps", "20", "--output", str(tmp_path)]
+    ablate.main(argv + ["--", "model.test_score_thresh=0.0"])
+    (cmd,) = calls
+    assert cmd[cmd.index("--config-file") + 1] == str(LAZY_DEMO)
+    assert "train.seed=4" in cmd and "train.max_iter=20" in cmd
+    assert cmd[-1] == "model.test_score_thresh=0.0" and "SEED" not in cmd
+    assert ablate.read_steps(ablate.run_dir(tmp_path, "OHEM", 4)) == 20
+    ablate.main(argv)  # finished, with the same steps: not run again
+    assert len(calls) == 1
+    with pytest.raises(SystemExit, match="finished run of 20 steps, not 30"):
+        ablate.main([a if a != "20" else "30" for a in argv])
+    with pytest.raises(SystemExit):  # YAML-style overrides for a .py config: refused
+        ablate.main(argv + ["--", "SEED", "1"])
+
+
+@pytest.mark.slow
+def test_one_tiny_real_run_of_the_py_config(tmp_path, monkeypatch):
+    """test_one_tiny_real_run with the .py twin: OHEM (its loss written as a lazy call)."""
+    _four_val_tiles(tmp_path, monkeypatch)
+    opts = [
+        "--",
+        "model.backbone.bottom_up.features.pretrained=False",
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+        "dataloader.train.dataset.names=deepforest_tree_val",
+        "dataloader.train.mapper.augmentations.0.short_edge_length=[200]",
+        "dataloader.train.mapper.augmentations.0.max_size=200",
+        "dataloader.test.mapper.augmentations.0.short_edge_length=200",
+        "dataloader.test.mapper.augmentations.0.max_size=200",
+        "model.test_score_thresh=0.0",
+    ]  # fmt: skip
+    argv = ["--config-file", str(LAZY_DEMO), "--settings", "OHEM", "--seeds", "3",
+            "--steps", "2", "--output", str(tmp_path / "out")]
+    results = ablate.main(argv + opts)
+
+    run = ablate.run_dir(tmp_path / "out", "OHEM", 3)
+    ap = results["OHEM"][3]
+    assert 0.0 <= ap["AP"] <= ap["AP50"] <= 100.0
+    config = (run / "config.yaml").read_text()
+    assert "OHEMLoss" in config and "batch_size_per_image: 128" in config
+    assert "seed: 3" in config and ablate.read_steps(run) == 2
+    assert "Loaded 4 images in COCO format" in (run / "log.txt").read_text()
+    assert f"{ap['AP']:.2f}" in (tmp_path / "out" / "table.md").read_text()
     with pytest.raises(SystemExit, match="finished run of 2 steps, not 3"):
         ablate.main([a if a != "2" else "3" for a in argv] + opts)
