@@ -82,8 +82,9 @@ PLACEHOLDER_CONFIGS = {
 }
 # Programs shown in code blocks that this test does not check.
 OTHER_PROGRAMS = {"cp"}
-# `python -m` modules outside retinanet_plugin that the docs show (install.md: the venv).
-OTHER_MODULES = {"venv"}
+# `python -m` modules outside retinanet_plugin that the docs show (install.md: the venv;
+# tests.md: the suite against another detectron2).
+OTHER_MODULES = {"venv", "pytest"}
 
 _FENCE = re.compile(r"^(\s*)```\s*([\w+-]*)\s*$")
 _ENV_PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
