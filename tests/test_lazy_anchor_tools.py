@@ -149,3 +149,74 @@ def test_loss_cdf_of_a_lazy_config_equals_its_yaml_twins(data, tmp_path):
     assert outputs["yaml"][1]["samples"]["positive"] > 0
     # Bit-equal logits and labels: the same curves and shares, not close ones.
     assert outputs["py"] == outputs["yaml"]
+
+
+# A .py config whose mappers do not resize runs images at their own size (train_net's lazy
+# path, predict's test_min_size 0): its keys say so with detectron2's "no resize", 0.
+NO_RESIZE_PY = ["dataloader.train.mapper.augmentations=[]",
+                "dataloader.test.mapper.augmentations=[]"]
+NO_RESIZE_YAML = ["INPUT.MIN_SIZE_TRAIN", "(0,)", "INPUT.MAX_SIZE_TRAIN", "0",
+                  "INPUT.MIN_SIZE_TEST", "0", "INPUT.MAX_SIZE_TEST", "0"]
+
+
+def _no_resize_opts(data):
+    yaml, lazy = _opts(data)
+    # _opts's datasets, no resize, the demo's overrides
+    return yaml[:6] + NO_RESIZE_YAML + yaml[-4:], lazy[:3] + NO_RESIZE_PY + lazy[-2:]
+
+
+def test_yacs_keys_of_a_config_without_resize_say_no_resize():
+    keys = yacs_keys(load_lazy_config(str(CONFIGS / "demo_deepforest_mobilenet_v2_fpn.py"),
+                                      NO_RESIZE_PY))
+    assert keys.INPUT.MIN_SIZE_TEST == 0 and keys.INPUT.MAX_SIZE_TEST == 0
+    assert tuple(keys.INPUT.MIN_SIZE_TRAIN) == (0,) and keys.INPUT.MAX_SIZE_TRAIN == 0
+    assert keys.INPUT.MIN_SIZE_TRAIN_SAMPLING == "choice"
+
+
+def test_yacs_keys_refuse_a_resize_they_cannot_describe():
+    cfg = load_lazy_config(str(CONFIGS / "demo_deepforest_mobilenet_v2_fpn.py"), [
+        "dataloader.test.mapper.augmentations=[{_target_: detectron2.data.transforms.Resize,"
+        " shape: [64, 64]}]",
+    ])
+    with pytest.raises(ValueError, match="dataloader.test.mapper resizes with Resize"):
+        yacs_keys(cfg)
+
+
+def test_analyze_anchors_without_resize_uses_the_images_own_size(data, tmp_path, capsys):
+    yaml_opts, lazy_opts = _no_resize_opts(data)
+    reports = {}
+    for kind, opts in (("yaml", yaml_opts), ("py", lazy_opts)):
+        reports[kind] = analyze_anchors.main([
+            "--config-file", str(CONFIGS / f"demo_deepforest_mobilenet_v2_fpn.{kind}"),
+            "--output", str(tmp_path / kind), "--search-pairs", "200", *opts,
+        ])  # fmt: skip
+        capsys.readouterr()
+        reports[kind].pop("config_file")
+        reports[kind]["histogram"] = reports[kind]["histogram"].replace(str(tmp_path / kind), "")
+    assert reports["yaml"]["training_short_edges"] == [0]
+    assert reports["py"] == reports["yaml"]
+
+
+def test_loss_cdf_without_resize_uses_the_images_own_size(data, tmp_path):
+    yaml_opts, lazy_opts = _no_resize_opts(data)
+    cfg = load_config(str(CONFIGS / "demo_deepforest_mobilenet_v2_fpn.yaml"), yaml_opts[-4:])
+    torch.manual_seed(0)
+    RetinaNetCheckpointer(build_model(cfg), str(tmp_path)).save("weights")
+    outputs = {}
+    for kind, opts in (("yaml", yaml_opts), ("py", lazy_opts)):
+        summary = loss_cdf.main([
+            "--config-file", str(CONFIGS / f"demo_deepforest_mobilenet_v2_fpn.{kind}"),
+            "--weights", str(tmp_path / "weights.pth"), "--output", str(tmp_path / kind), *opts,
+        ])  # fmt: skip
+        summary.pop("title")
+        outputs[kind] = summary
+    assert outputs["py"] == outputs["yaml"]
+    # 64x80 images, not resized: the anchors of a 64x80 input, not of an 800 px one
+    resized = loss_cdf.main([
+        "--config-file", str(CONFIGS / "demo_deepforest_mobilenet_v2_fpn.py"),
+        "--weights", str(tmp_path / "weights.pth"), "--output", str(tmp_path / "resized"),
+        *lazy_opts[:4], *lazy_opts[-2:],
+        "dataloader.test.mapper.augmentations.0.short_edge_length=128",
+    ])  # fmt: skip
+    resized.pop("title")
+    assert resized != outputs["py"]

@@ -350,6 +350,32 @@ def test_datasets_are_checked_with_the_models_class_count(coco_files, tmp_path):
         check_datasets(dataset_config(cfg.dataloader, cfg.model))
 
 
+class TreeDetector(FocalRetinaNet):
+    """A user's FocalRetinaNet subclass, whose name does not say RetinaNet."""
+
+
+def _focal_retinanet(**kwargs):
+    """A factory function as ``_target_``: no class to ask."""
+    return FocalRetinaNet(**kwargs)
+
+
+@pytest.mark.parametrize("target", [TreeDetector, f"{__name__}.TreeDetector", _focal_retinanet],
+                         ids=["class", "dotted-name", "function"])
+def test_a_one_stage_model_is_known_by_its_class_not_its_name(coco_files, target):
+    """A RetinaNet subclass named otherwise still has its class count checked (and read by
+    predict as MODEL.RETINANET.NUM_CLASSES); a factory function: by its num_classes."""
+    cfg = _tiny(_load("custom_coco_example.py"), coco_files)
+    cfg.model._target_ = target
+    view = dataset_config(cfg.dataloader, cfg.model)
+    assert view.MODEL.RETINANET.NUM_CLASSES == 3
+    if not callable(target) or isinstance(target, type):
+        assert view.MODEL.META_ARCHITECTURE == "FocalRetinaNet"
+    check_datasets(view)
+    cfg.model.num_classes = 1
+    with pytest.raises(CocoCheckError, match="num_classes|NUM_CLASSES"):
+        check_datasets(dataset_config(cfg.dataloader, cfg.model))
+
+
 def test_register_datasets_refuses_a_builtin_name():
     loader = {"coco_instances": [["coco_2017_train", "/x.json", "/x"]]}
     with pytest.raises(ValueError, match="already registered"):

@@ -17,7 +17,7 @@ from PIL import Image
 
 from detectron2.modeling import build_model
 
-from retinanet_plugin import RetinaNetCheckpointer
+from retinanet_plugin import FocalRetinaNet, RetinaNetCheckpointer
 from retinanet_plugin.config import load_config
 from retinanet_plugin.engine.lazy_train import lazy_test, lazy_test_with_tta
 from retinanet_plugin.tools import predict as predict_tool
@@ -166,3 +166,17 @@ def test_lazy_tta_equals_the_yaml_twins_tta_and_predict(weights, data, tmp_path)
     assert len(lazy) > 0 and lazy != _evaluator_results(tmp_path / "plain" / "inference")
     results, _ = _predict(LAZY, lazy_opts, weights, data, tmp_path / "predict")
     assert results == lazy
+
+
+class TreeDetector(FocalRetinaNet):
+    """A user's FocalRetinaNet subclass, whose name does not say RetinaNet."""
+
+
+def test_predict_with_a_user_subclass_of_focal_retinanet(weights, data, tmp_path):
+    """``model._target_`` a subclass (here by its dotted name, as a saved config holds it): a
+    one-stage model by its class, not by its name; the plain demo's files."""
+    _, lazy_opts = _opts(data)
+    expected = _predict(LAZY, lazy_opts, weights, data, tmp_path / "plain")
+    subclass = [*lazy_opts, f"model._target_={__name__}.TreeDetector"]
+    assert type(load_model(_lazy_cfg(subclass, weights, tmp_path / "run"))) is TreeDetector
+    assert _predict(LAZY, subclass, weights, data, tmp_path / "sub") == expected

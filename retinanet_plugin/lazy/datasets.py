@@ -22,6 +22,8 @@ which also registers the DeepForest demo sets when named) and the check before t
 import os
 from typing import Any, List, Optional, Sequence
 
+from torch import nn
+
 from detectron2.config import CfgNode
 
 from ..data.registration import register_config_datasets
@@ -64,6 +66,52 @@ def _target_name(node: Any) -> str:
     return getattr(target, "__name__", "")
 
 
+def _target_class(node: Any) -> Optional[type]:
+    """The class ``node._target_`` names (a dotted name located as ``instantiate`` does), or
+    None (no node, no target, a callable that is not a class, a name that does not resolve)."""
+    target = node.get("_target_") if node is not None else None
+    if isinstance(target, str):
+        from detectron2.utils.registry import locate
+
+        try:
+            target = locate(target)
+        except ImportError:  # what locate raises for a name it cannot resolve
+            return None
+    return target if isinstance(target, type) else None
+
+
+def is_one_stage(model: Any) -> bool:
+    """Whether the lazy ``model`` node builds a one-stage detector (its class count is
+    ``model.num_classes``): by its ``_target_`` class, a subclass of detectron2's
+    ``DenseDetector`` (``RetinaNet``, ``FCOS``) or of the plugin's ``FocalRetinaNet``, whatever
+    its name; a target that is no class (a factory function, a name that does not resolve):
+    the node has ``num_classes`` and no ``roi_heads``."""
+    from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+
+    from ..meta_arch import FocalRetinaNet
+
+    cls = _target_class(model)
+    if cls is not None and issubclass(cls, (DenseDetector, FocalRetinaNet)):
+        return True
+    if cls is not None and issubclass(cls, nn.Module):
+        return False
+    return model is not None and "num_classes" in model and model.get("roi_heads") is None
+
+
+def architecture_name(model: Any) -> str:
+    """``MODEL.META_ARCHITECTURE`` of the lazy ``model`` node: its ``_target_``'s name, but a
+    one-stage subclass (:func:`is_one_stage`) whose name lacks "RetinaNet" is named by its
+    RetinaNet base (``FocalRetinaNet`` or ``RetinaNet``), the name the YAML path's code reads
+    as "class count in MODEL.RETINANET" (``check_datasets``, predict, ``loss_cdf``)."""
+    name = _target_name(model)
+    if "RetinaNet" in name or not is_one_stage(model):
+        return name
+    from ..meta_arch import FocalRetinaNet
+
+    cls = _target_class(model)
+    return "FocalRetinaNet" if cls is not None and issubclass(cls, FocalRetinaNet) else "RetinaNet"
+
+
 def dataset_config(dataloader: Any, model: Optional[Any] = None) -> CfgNode:
     """The ``DATASETS.*`` keys (and the model's class count) of a lazy config, as a CfgNode.
 
@@ -88,11 +136,11 @@ def dataset_config(dataloader: Any, model: Optional[Any] = None) -> CfgNode:
             "TEST": tuple(_names(test.dataset.names) if test is not None else []),
             "CHECK": dataloader.get("check", "header"),
         },
-        "MODEL": {"META_ARCHITECTURE": _target_name(model)},
+        "MODEL": {"META_ARCHITECTURE": architecture_name(model)},
     })
     if model is None:
         return cfg
-    if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE:
+    if is_one_stage(model):
         cfg.MODEL.RETINANET = CfgNode({"NUM_CLASSES": model.num_classes})
     elif cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and model.get("roi_heads"):
         cfg.MODEL.ROI_HEADS = CfgNode(

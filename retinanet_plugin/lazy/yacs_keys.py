@@ -9,7 +9,8 @@ itself, the trainer's mapper) the tools instantiate from the lazy config.
 ====================================  ==========================================================
 YAML key                              lazy node
 ====================================  ==========================================================
-MODEL.META_ARCHITECTURE               ``model._target_``'s name
+MODEL.META_ARCHITECTURE               ``model._target_``'s name (a one-stage subclass:
+                                      its RetinaNet base's, ``architecture_name``)
 MODEL.RETINANET.IN_FEATURES           ``model.head_in_features``
 MODEL.RETINANET.NUM_CLASSES           ``model.num_classes``
 MODEL.RETINANET.IOU_THRESHOLDS,       ``model.anchor_matcher.thresholds``, ``labels``,
@@ -18,8 +19,10 @@ MODEL.RPN.* (GeneralizedRCNN)         the same of ``model.proposal_generator``
 MODEL.ANCHOR_GENERATOR.NAME, SIZES,   the anchor generator's ``_target_`` name, ``sizes``,
 ASPECT_RATIOS, OFFSET                 ``aspect_ratios``, ``offset``
 INPUT.MIN_SIZE_TRAIN, MAX_SIZE_TRAIN, ``ResizeShortestEdge`` of ``dataloader.train.mapper``
-MIN_SIZE_TRAIN_SAMPLING               (``short_edge_length``, ``max_size``, ``sample_style``)
-INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST    ``ResizeShortestEdge`` of ``dataloader.test.mapper``
+MIN_SIZE_TRAIN_SAMPLING               (``short_edge_length``, ``max_size``, ``sample_style``);
+                                      none: ``(0,)``, 0, choice (no resize)
+INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST    ``ResizeShortestEdge`` of ``dataloader.test.mapper``;
+                                      none: 0, 0 (no resize)
 INPUT.FORMAT                          ``dataloader.test.mapper.image_format``
 DATASETS.TRAIN, TEST, COCO_INSTANCES  :func:`~retinanet_plugin.lazy.dataset_config`
 MODEL.DEVICE, OUTPUT_DIR              ``train.device``, ``train.output_dir``
@@ -35,7 +38,7 @@ from detectron2.config import CfgNode, get_cfg, instantiate
 from detectron2.data import transforms as T
 
 from ..config import add_retinanet_plugin_config
-from .datasets import _target_name, dataset_config
+from .datasets import _target_name, architecture_name, dataset_config
 
 __all__ = ["anchor_owner", "backbone_without_weights", "yacs_keys"]
 
@@ -52,15 +55,33 @@ def anchor_owner(model: Any) -> Tuple[str, Any]:
     return "RETINANET", model
 
 
-def _resize(mapper_node: Any) -> Optional[T.ResizeShortestEdge]:
-    """The mapper's ``ResizeShortestEdge``, as it runs (class defaults included)."""
+# What ``INPUT.MIN_SIZE_*`` 0 means to detectron2 (``ResizeShortestEdge`` of 0: no resize):
+# a mapper with no resize, converted.
+_NO_RESIZE = T.ResizeShortestEdge(0, 0, sample_style="choice")
+
+
+def _resize(mapper_node: Any, where: str) -> Optional[T.ResizeShortestEdge]:
+    """The mapper's ``ResizeShortestEdge``, as it runs (class defaults included); a mapper with
+    none runs images at their own size: ``ResizeShortestEdge(0, 0)``, detectron2's no resize.
+    None: no mapper.
+
+    Raises:
+        ValueError: the mapper resizes otherwise (``where`` names it): no key describes that.
+    """
     if mapper_node is None:
         return None
     mapper = instantiate(mapper_node)
-    for aug in getattr(mapper, "augmentations", T.AugmentationList([])).augs:
+    augs = getattr(mapper, "augmentations", T.AugmentationList([])).augs
+    for aug in augs:
         if isinstance(aug, T.ResizeShortestEdge):
             return aug
-    return None
+    others = [type(a).__name__ for a in augs if "Resize" in type(a).__name__]
+    if others:
+        raise ValueError(
+            f"{where} resizes with {', '.join(others)}, not ResizeShortestEdge: the "
+            "INPUT.MIN_SIZE_* keys these tools read cannot describe it"
+        )
+    return _NO_RESIZE
 
 
 def _per_level(values: Any) -> List[List[float]]:
@@ -82,7 +103,7 @@ def yacs_keys(cfg: Any) -> CfgNode:
     keys = get_cfg()
     add_retinanet_plugin_config(keys)
     model = cfg.model
-    keys.MODEL.META_ARCHITECTURE = _target_name(model)
+    keys.MODEL.META_ARCHITECTURE = architecture_name(model)
     datasets = dataset_config(cfg.dataloader, model)
     for key in ("TRAIN", "TEST", "COCO_INSTANCES"):
         keys.DATASETS[key] = datasets.DATASETS[key]
@@ -108,13 +129,16 @@ def yacs_keys(cfg: Any) -> CfgNode:
     keys.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = _per_level(generator.aspect_ratios)
     keys.MODEL.ANCHOR_GENERATOR.OFFSET = float(generator.get("offset", 0.0))
 
-    train = _resize(cfg.dataloader.get("train", {}).get("mapper"))
+    train = _resize(cfg.dataloader.get("train", {}).get("mapper"), "dataloader.train.mapper")
     if train is not None:
-        keys.INPUT.MIN_SIZE_TRAIN = tuple(int(s) for s in train.short_edge_length)
+        edges = [int(s) for s in train.short_edge_length]  # ResizeShortestEdge(800): (800, 800)
+        keys.INPUT.MIN_SIZE_TRAIN = tuple(
+            dict.fromkeys(edges) if train.sample_style == "choice" else edges
+        )
         keys.INPUT.MAX_SIZE_TRAIN = int(train.max_size)
         keys.INPUT.MIN_SIZE_TRAIN_SAMPLING = train.sample_style
     test_mapper = cfg.dataloader.get("test", {}).get("mapper")
-    test = _resize(test_mapper)
+    test = _resize(test_mapper, "dataloader.test.mapper")
     if test is not None:
         keys.INPUT.MIN_SIZE_TEST = int(test.short_edge_length[0])
         keys.INPUT.MAX_SIZE_TEST = int(test.max_size)
