@@ -151,9 +151,11 @@ def read_config_file(path: str) -> ConfigFile:
         ValueError: naming ``path`` and the file at fault, when a file holds another Python tag
             (which could run code while loading), an eval expression that is not arithmetic or
             exceeds the bounds (for all the eval tags of the chain together), no mapping of keys,
-            or more than 1,000,000 values counting each use of a YAML alias; when the chain
-            includes itself; or when its ``_BASE_`` entries number more than 64 (each resolved
-            file is read once per call, a file named again counted again).
+            or more than 1,000,000 values counting each use of a YAML alias, a list or mapping
+            as a mapping key, other YAML that builds no config, or nesting beyond Python's
+            recursion limit; when the chain includes itself (``./a.yaml`` and ``a.yaml`` are
+            one file); or when its ``_BASE_`` entries number more than 64 (each file is read
+            once per call however its path is spelt, a file named again counted again).
         FileNotFoundError: a ``_BASE_`` file is missing; the message names the entry, the file
             that names it, the folder it was looked for in, and the fix.
     """
@@ -169,18 +171,29 @@ def _read(
 ) -> ConfigFile:
     """Reads ``path`` and its bases into ``read`` (resolved path -> the file, and the number of
     _BASE_ entries beneath it), each resolved path once."""
-    if path in chain:
+    if _same_file(path) in map(_same_file, chain):
         raise ValueError(f"Config file {top}: {path} includes itself through _BASE_")
     within = f"Config file {top} (or one of its _BASE_ files)"
     try:
         with PathManager.open(path, "r") as f:
             data = _load_yaml(f, budget)
-    except (yaml.constructor.ConstructorError, UnsafeTag) as e:
+    except yaml.constructor.ConstructorError as e:
+        if e.problem == "found unhashable key":
+            raise ValueError(
+                f"{within}: {path} holds a list or mapping as a mapping key, which no config "
+                f"key can be; refused. Config keys are names. {e}"
+            ) from e
+        if not (e.problem or "").startswith("could not determine a constructor for the tag"):
+            raise ValueError(
+                f"{within}: {path} holds YAML that builds no config ({e.problem}); refused. {e}"
+            ) from e
+        raise ValueError(_unsafe_tag(within, path, e)) from e
+    except UnsafeTag as e:
+        raise ValueError(_unsafe_tag(within, path, e)) from e
+    except RecursionError as e:
         raise ValueError(
-            f"{within} holds a YAML tag that builds Python objects, which could run code while "
-            "loading; refused. Configs hold only plain values (numbers, strings, lists, "
-            "mappings), or arithmetic on numbers through !!python/object/apply:eval as "
-            f"detectron2's model zoo writes anchor sizes. In {path}: {e}"
+            f"{within}: {path} nests lists or mappings too deeply for the YAML reader (beyond "
+            "Python's recursion limit); refused. A config nests a few levels."
         ) from e
     except BadArithmetic as e:
         raise ValueError(
@@ -204,6 +217,8 @@ def _read(
     entries_before = budget.base_entries
     for entry in entries:
         base = _base_file(path, entry)
+        # The file already read by another spelling of its path (./a.yaml, d/../a.yaml).
+        base = next((known for known in read if _same_file(known) == _same_file(base)), base)
         # A file named again is not read again, but merging visits it (and its bases) again.
         budget.base_entries += 1 + (read[base][1] if base in read else 0)
         if budget.base_entries > _MAX_BASE_ENTRIES:
@@ -217,6 +232,21 @@ def _read(
     return read[path][0]
 
 
+def _unsafe_tag(within: str, path: str, e: Exception) -> str:
+    return (
+        f"{within} holds a YAML tag that builds Python objects, which could run code while "
+        "loading; refused. Configs hold only plain values (numbers, strings, lists, "
+        "mappings), or arithmetic on numbers through !!python/object/apply:eval as "
+        f"detectron2's model zoo writes anchor sizes. In {path}: {e}"
+    )
+
+
+def _same_file(path: str) -> str:
+    """``path`` as the file it names: a URL as written, a local path resolved (``.``, ``..``,
+    symbolic links), so that one file spelt two ways is one file."""
+    return path if "://" in path else os.path.realpath(path)
+
+
 # The configs/ folder of this checkout (absent from a wheel): a config copied out of it finds its
 # base there.
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -228,6 +258,9 @@ def _base_file(path: str, entry: str) -> str:
         return base
     if not base.startswith("/"):
         base = os.path.join(os.path.dirname(path), base)
+    # ./a.yaml of a/b.yaml is a/a.yaml (unless a symbolic link makes .. mean another folder).
+    if _same_file(os.path.normpath(base)) == _same_file(base):
+        base = os.path.normpath(base)
     if PathManager.isfile(base):
         return base
     if entry.startswith(("/", "~")):

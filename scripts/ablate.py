@@ -37,6 +37,7 @@ run as config overrides: ``KEY VALUE`` pairs for a YAML config, ``key=value`` fo
 """
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -157,16 +158,42 @@ def schedule(steps: int) -> Dict[str, int]:
             "warmup": max(1, min(50, steps // 4)), "checkpoint_period": 10 * steps}
 
 
+# Prints the LR multipliers of the .py config argv[1] as JSON. Loading a .py config runs it (the
+# demo registers its datasets), so it is loaded in a process of its own.
+_PRINT_SCHEDULER_VALUES = """\
+import json, sys
+from retinanet_plugin.lazy import load_lazy_config
+print(json.dumps(list(load_lazy_config(sys.argv[1]).lr_multiplier.scheduler["values"])))
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _first_drop(config_file: Path) -> List[float]:
+    """The multipliers before and after the first LR drop of the .py ``config_file``."""
+    proc = subprocess.run([sys.executable, "-c", _PRINT_SCHEDULER_VALUES, str(config_file)],
+                          cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"--config-file {config_file}: reading its lr_multiplier.scheduler."
+                         f"values failed:\n{proc.stderr[-2000:]}")
+    values = json.loads(proc.stdout.strip().splitlines()[-1])
+    if len(values) < 2:
+        raise SystemExit(f"--config-file {config_file}: lr_multiplier.scheduler.values "
+                         f"{values!r} has no LR drop to move to the run's schedule")
+    return [float(v) for v in values[:2]]
+
+
 def schedule_opts(steps: int, config_file: Path = DEMO_CONFIG) -> List[str]:
     """:func:`schedule` as overrides of ``config_file``'s kind. A lazy schedule is in fractions
     of its ``num_updates``: it is set to ``steps`` with the drop and warm-up at the iterations
     the YAML solver has (the demo .py's 160 / 200 and 50 / 200 differ from them when scaled, e.g.
-    the warm-up of a 1000-step run)."""
+    the warm-up of a 1000-step run). Its one drop is the config's first (``values`` cut to two:
+    the long demo's ``[1.0, 0.1, 0.01]`` takes ``[1.0, 0.1]``, the YAML's ``SOLVER.GAMMA``)."""
     s = schedule(steps)
     if is_lazy(config_file):
         return [
             f"train.max_iter={s['max_iter']}",
             f"lr_multiplier.scheduler.milestones=[{s['drop']}]",
+            f"lr_multiplier.scheduler.values={_first_drop(Path(config_file).resolve())!r}",
             f"lr_multiplier.scheduler.num_updates={s['max_iter']}",
             f"lr_multiplier.warmup_length={min(s['warmup'] / s['max_iter'], 1.0)!r}",
             f"train.checkpointer.period={s['checkpoint_period']}",

@@ -199,8 +199,14 @@ def test_py_overrides_build_the_model_of_the_yaml_overrides(name, twin_models):
     assert ours.postprocessing == theirs.postprocessing
 
 
+DEMO_PY_CONFIGS = sorted((REPO / "configs").glob("demo_*.py"))
+
+
 @pytest.mark.parametrize("steps", [2, 7, 200, 1000])
-def test_py_schedule_is_the_yaml_schedule(steps):
+@pytest.mark.parametrize("lazy", DEMO_PY_CONFIGS, ids=lambda p: p.stem)
+def test_py_schedule_is_the_yaml_schedule(lazy, steps):
+    """Each demo .py with ablate's schedule has its YAML twin's LR at every iteration (the
+    long demo's two drops become the one drop, by the base config's first gamma)."""
     import torch
 
     from detectron2.config import instantiate
@@ -209,14 +215,16 @@ def test_py_schedule_is_the_yaml_schedule(steps):
     from retinanet_plugin.config import load_config
     from retinanet_plugin.lazy import load_lazy_config
 
-    ycfg = load_config(str(ablate.DEMO_CONFIG))
-    ycfg.merge_from_list(ablate.schedule_opts(steps))
-    cfg = load_lazy_config(LAZY_DEMO, ablate.schedule_opts(steps, LAZY_DEMO))
+    twin = lazy.with_suffix(".yaml")
+    ycfg = load_config(str(twin))
+    ycfg.merge_from_list(ablate.schedule_opts(steps, twin))
+    cfg = load_lazy_config(str(lazy), ablate.schedule_opts(steps, lazy))
     theirs = build_lr_scheduler(ycfg, torch.optim.SGD([torch.zeros(1)], lr=1.0))._multiplier
     ours = instantiate(cfg.lr_multiplier)
     assert cfg.train.max_iter == ycfg.SOLVER.MAX_ITER == steps
     assert cfg.train.checkpointer.period == ycfg.SOLVER.CHECKPOINT_PERIOD
     assert [ours(i / steps) for i in range(steps)] == [theirs(i / steps) for i in range(steps)]
+    assert list(cfg.lr_multiplier.scheduler["values"]) == [1.0, ycfg.SOLVER.GAMMA]
 
 
 def _write_lazy_config(path: Path, steps: int):

@@ -18,8 +18,9 @@ import pytest
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
 
-from retinanet_plugin import add_retinanet_plugin_config
+from retinanet_plugin import add_retinanet_plugin_config, config_file
 from retinanet_plugin.config import load_config, load_config_file
+from retinanet_plugin.config_file import read_config_file
 
 REPO = Path(__file__).resolve().parents[1]
 # detectron2's Base-RetinaNet.yaml writes its anchor sizes so.
@@ -356,3 +357,56 @@ def test_copied_example_names_its_missing_base_and_the_fix(tmp_path):
     assert f"looked for in {tmp_path} " in message  # the folder
     # The fix: the base's absolute path in this checkout.
     assert f'_BASE_: "{REPO / "configs" / "demo_deepforest_mobilenet_v2_fpn.yaml"}"' in message
+
+
+# ---- Review: paths of _BASE_ normalised, deep nesting and unhashable keys named ----------------
+
+
+@pytest.mark.parametrize("entry", ["./a.yaml", "a.yaml", "../d/a.yaml", "./././a.yaml"])
+def test_a_file_whose_base_is_itself_is_refused_at_once(tmp_path, monkeypatch, entry):
+    a = _yaml(tmp_path / "d" / "a.yaml", f"_BASE_: {entry}\n")
+    opened = []
+    real_open = config_file.PathManager.open
+    monkeypatch.setattr(config_file.PathManager, "open",
+                        lambda path, *args: opened.append(path) or real_open(path, *args))
+    with pytest.raises(ValueError) as raised:
+        read_config_file(str(a))
+    message = str(raised.value)
+    assert f"{a} includes itself through _BASE_" in message and "beyond" not in message
+    assert "./" not in message and len(opened) == 1
+
+
+def test_a_base_named_by_different_spellings_is_read_once(tmp_path, monkeypatch):
+    _yaml(tmp_path / "d" / "b.yaml", "SOLVER:\n  MAX_ITER: 5\n")
+    a = _yaml(tmp_path / "d" / "a.yaml", "_BASE_: [b.yaml, ./b.yaml, ../d/b.yaml, .//b.yaml]\n")
+    opened = []
+    real_open = config_file.PathManager.open
+    monkeypatch.setattr(config_file.PathManager, "open",
+                        lambda path, *args: opened.append(path) or real_open(path, *args))
+    read = read_config_file(str(a))
+    assert opened == [str(a), str(tmp_path / "d" / "b.yaml")]
+    assert [base.path for base in read.bases] == [str(tmp_path / "d" / "b.yaml")] * 4
+    assert read.merged()["SOLVER"]["MAX_ITER"] == 5
+
+
+def test_yaml_nested_too_deep_is_refused_naming_the_file(tmp_path):
+    path = _yaml(tmp_path / "deep.yaml", "A: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    out = _refused_in_ten_seconds(path)
+    assert str(path) in out and "nest" in out and "refused" in out
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ("? [1, 2]\n: 3\n", "a list or mapping as a mapping key"),
+        ("? {a: 1}\n: 3\n", "a list or mapping as a mapping key"),
+        ("A: {<<: 1}\n", "expected a mapping or list of mappings for merging"),
+    ],
+)
+def test_yaml_that_builds_no_config_is_named_for_what_it_is(tmp_path, text, said):
+    path = _yaml(tmp_path / "odd.yaml", text)
+    with pytest.raises(ValueError) as raised:
+        read_config_file(str(path))
+    message = str(raised.value)
+    assert str(path) in message and said in message and "refused" in message
+    assert "could run code" not in message and "YAML tag" not in message
