@@ -54,21 +54,30 @@ from .postprocess import (
 
 __all__ = ["FocalRetinaNet", "build_anchor_matcher", "check_gt_classes", "resolve_cls_loss"]
 
+# The model's constructor arguments / attributes that hold a PostProcessing field, one pair each:
+# read both ways (config -> arguments, attributes -> description), so a key is added once.
+_POSTPROCESSING_ATTRIBUTES = (
+    ("test_score_thresh", "score_thresh"),
+    ("test_score_thresh_per_class", "score_thresh_per_class"),  # None <-> ()
+    ("test_topk_candidates", "topk_candidates"),
+    ("test_nms_thresh", "nms_thresh"),
+    ("max_detections_per_image", "max_detections"),
+    ("nms_type", "nms_type"),
+    ("soft_nms_sigma", "soft_nms_sigma"),
+    ("soft_nms_score_thresh", "soft_nms_score_thresh"),
+    ("nms_class_agnostic", "class_agnostic"),
+    ("box_voting_iou_thresh", "box_voting_iou_thresh"),  # None: no box voting
+)
+
+
 def _postprocessing_arguments(pp: PostProcessing) -> Dict[str, Any]:
     """The constructor arguments of a :class:`PostProcessing` (the reverse of
     :attr:`FocalRetinaNet.postprocessing`)."""
-    return {
-        "test_score_thresh": pp.score_thresh,
-        "test_score_thresh_per_class": list(pp.score_thresh_per_class) or None,
-        "test_topk_candidates": pp.topk_candidates,
-        "test_nms_thresh": pp.nms_thresh,
-        "max_detections_per_image": pp.max_detections,
-        "nms_type": pp.nms_type,
-        "soft_nms_sigma": pp.soft_nms_sigma,
-        "soft_nms_score_thresh": pp.soft_nms_score_thresh,
-        "nms_class_agnostic": pp.class_agnostic,
-        "box_voting_iou_thresh": pp.box_voting_iou_thresh if pp.box_voting else None,
-    }
+    args = {attribute: getattr(pp, field) for attribute, field in _POSTPROCESSING_ATTRIBUTES}
+    args["test_score_thresh_per_class"] = list(pp.score_thresh_per_class) or None
+    if not pp.box_voting:
+        args["box_voting_iou_thresh"] = None
+    return args
 
 
 @META_ARCH_REGISTRY.register()
@@ -246,22 +255,14 @@ class FocalRetinaNet(DenseDetector):
     def postprocessing(self) -> PostProcessing:
         """The test-time keys as the model holds them now (attributes set after construction
         included), for :func:`select_detections`, TTA and export."""
-        voting = self.box_voting_iou_thresh
-        return PostProcessing(
-            score_thresh=self.test_score_thresh,
-            score_thresh_per_class=tuple(self.test_score_thresh_per_class or ()),
-            topk_candidates=self.test_topk_candidates,
-            nms_thresh=self.test_nms_thresh,
-            nms_type=self.nms_type,
-            soft_nms_sigma=self.soft_nms_sigma,
-            soft_nms_score_thresh=self.soft_nms_score_thresh,
-            class_agnostic=self.nms_class_agnostic,
-            box_voting=voting is not None,
-            box_voting_iou_thresh=(
-                PostProcessing.box_voting_iou_thresh if voting is None else voting
-            ),
-            max_detections=self.max_detections_per_image,
-        )
+        pairs = _POSTPROCESSING_ATTRIBUTES
+        values = {field: getattr(self, attribute) for attribute, field in pairs}
+        values["score_thresh_per_class"] = tuple(values["score_thresh_per_class"] or ())
+        voting = values["box_voting_iou_thresh"]
+        values["box_voting"] = voting is not None
+        if voting is None:
+            values["box_voting_iou_thresh"] = PostProcessing.box_voting_iou_thresh
+        return PostProcessing(**values)
 
     # ---------------------------------------------------------------------------------------
     # Training
