@@ -14,11 +14,14 @@ from .exporter import (
     match_detections,
 )
 from .graph import ExportableRetinaNet
+from .metadata import METADATA_KEY, MetadataError, read_metadata
 
 __all__ = [
     "EXPORT_FORMATS",
     "ExportError",
     "ExportableRetinaNet",
+    "METADATA_KEY",
+    "MetadataError",
     "ParityReport",
     "UnsupportedKeyError",
     "check_parity",
@@ -27,4 +30,5 @@ __all__ = [
     "exported_instances",
     "load_exported",
     "match_detections",
+    "read_metadata",
 ]
