@@ -62,6 +62,7 @@ from retinanet_plugin.engine.resume import (
 )
 from retinanet_plugin.evaluation import build_coco_evaluator
 from retinanet_plugin.lazy import is_lazy_config, load_lazy_config
+from retinanet_plugin.precision import yacs_amp_trainer
 from retinanet_plugin.test_time_augmentation import FocalRetinaNetWithTTA
 
 
@@ -71,8 +72,10 @@ def _inference_dir(cfg, dataset_name, folder="inference"):
 
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
-        # Lets DefaultTrainer wrap a CPU model in DistributedDataParallel (--num-gpus > 1 on CPU).
-        with wrap_ddp_on_cpu():
+        # Lets DefaultTrainer wrap a CPU model in DistributedDataParallel (--num-gpus > 1 on CPU)
+        # and, with SOLVER.AMP.ENABLED, build the trainer of SOLVER.AMP.PRECISION (bfloat16 on
+        # CPU: retinanet_plugin.precision.AutocastTrainer).
+        with wrap_ddp_on_cpu(), yacs_amp_trainer(cfg):
             super().__init__(cfg)
         # A non-finite loss names itself, the iteration and the batch's image ids.
         guard_nonfinite_losses(self._trainer, self._trainer.data_loader)

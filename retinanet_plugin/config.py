@@ -98,7 +98,29 @@ def add_retinanet_plugin_config(cfg: CN) -> CN:
     _set_default(cfg.INPUT, "ROTATE_90", False)
     # Brightness, contrast and saturation each scaled by a factor in [1 - s, 1 + s]; 0 = off.
     _set_default(cfg.INPUT, "COLOR_JITTER", 0.0)
+
+    _add_precision_config(cfg)
     return cfg
+
+
+def _add_precision_config(cfg: CN) -> None:
+    """Mixed precision and memory format (retinanet_plugin.precision); defaults: float32 in
+    inference, detectron2's float16 AMP on CUDA, contiguous (NCHW) tensors."""
+    # The autocast dtype of SOLVER.AMP.ENABLED: "float16" (detectron2's AMPTrainer, float16 with
+    # a GradScaler; CUDA only), "bfloat16" (no GradScaler: CPUs with AVX-512 BF16 / AMX, or
+    # CUDA Ampere and later) or "auto" (float16 on CUDA, bfloat16 on CPU). Weights, optimizer
+    # state and the losses stay float32.
+    _set_default(cfg.SOLVER.AMP, "PRECISION", "auto")
+    if "AMP" not in cfg.TEST:
+        cfg.TEST.AMP = CN()
+    # Inference (evaluation, predict, TTA) with the backbone and head under autocast in
+    # TEST.AMP.PRECISION (same values as SOLVER.AMP.PRECISION); boxes and scores are computed
+    # in float32 from the head's outputs.
+    _set_default(cfg.TEST.AMP, "ENABLED", False)
+    _set_default(cfg.TEST.AMP, "PRECISION", "auto")
+    # Channels-last (NHWC) memory format for the model's 4-d weights and its input batch, in
+    # training and inference; same results, faster convolutions with oneDNN (CPU) and cuDNN.
+    _set_default(cfg.MODEL, "CHANNELS_LAST", False)
 
 
 def _add_test_time_and_crowd_config(rcfg: CN) -> None:

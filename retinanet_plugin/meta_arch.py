@@ -19,6 +19,7 @@ Shape shorthand:
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from detectron2.config import configurable
@@ -51,6 +52,7 @@ from .postprocess import (
     find_candidates,
     select_detections,
 )
+from .precision import autocast_dtype, inference_autocast
 
 __all__ = ["FocalRetinaNet", "build_anchor_matcher", "check_gt_classes", "resolve_cls_loss"]
 
@@ -123,6 +125,8 @@ class FocalRetinaNet(DenseDetector):
         nms_class_agnostic: bool = False,
         box_voting_iou_thresh: Optional[float] = None,
         crowd_ioa_thresh: Optional[float] = None,
+        test_amp_precision: Optional[str] = None,
+        channels_last: bool = False,
     ):
         """
         Every keyword argument of detectron2's ``RetinaNet`` is accepted with its meaning and
@@ -177,6 +181,13 @@ class FocalRetinaNet(DenseDetector):
             crowd_ioa_thresh (float, optional): if set, background anchors whose intersection
                 with a crowd box (``gt_is_crowd`` instances) exceeds this fraction of the anchor's
                 area are ignored in training. Crowd instances never become foreground.
+            test_amp_precision (str, optional): if set, inference runs the backbone and head
+                under autocast in this precision ("auto", "float16" or "bfloat16", see
+                :func:`~retinanet_plugin.precision.autocast_dtype`); boxes and scores are
+                computed in float32. None: float32 inference. Training precision is the
+                trainer's (``SOLVER.AMP``).
+            channels_last (bool): keep the 4-d weights and the input batch in channels-last
+                (NHWC) memory format, in training and inference.
         """
         super().__init__(
             backbone,
@@ -212,6 +223,11 @@ class FocalRetinaNet(DenseDetector):
         self.nms_class_agnostic = nms_class_agnostic
         self.box_voting_iou_thresh = box_voting_iou_thresh
         self.crowd_ioa_thresh = crowd_ioa_thresh
+        self.test_amp_precision = test_amp_precision
+        self.channels_last = channels_last
+        if channels_last:
+            # Loading a checkpoint copies into these tensors and .to(device) keeps their format.
+            self.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_config(cls, cfg) -> Dict[str, Any]:
@@ -227,6 +243,9 @@ class FocalRetinaNet(DenseDetector):
             rcfg.BBOX_REG_LOSS_TYPE, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE"
         )
         cls_loss = build_cls_loss(cfg)
+        test_amp_precision = cfg.TEST.AMP.PRECISION if cfg.TEST.AMP.ENABLED else None
+        if test_amp_precision is not None:
+            autocast_dtype(test_amp_precision, cfg.MODEL.DEVICE, "TEST.AMP.PRECISION")
 
         backbone = build_backbone(cfg)
         feature_shapes = head_input_shapes(
@@ -248,6 +267,8 @@ class FocalRetinaNet(DenseDetector):
             "smooth_l1_beta": rcfg.SMOOTH_L1_LOSS_BETA,
             "input_format": cfg.INPUT.FORMAT,
             "crowd_ioa_thresh": crowd_ioa_thresh,
+            "test_amp_precision": test_amp_precision,
+            "channels_last": cfg.MODEL.CHANNELS_LAST,
             **_postprocessing_arguments(postprocessing),
         }
 
@@ -277,7 +298,23 @@ class FocalRetinaNet(DenseDetector):
         """
         if self.training:
             check_input_classes(batched_inputs, self.num_classes)
-        return super().forward(batched_inputs)
+            return super().forward(batched_inputs)
+        with self.inference_autocast():
+            return super().forward(batched_inputs)
+
+    def inference_autocast(self):
+        """Context of the backbone and head in inference: autocast in
+        ``test_amp_precision`` (does nothing when it is None). Yields the autocast dtype or
+        None. Whatever runs the two itself (TTA) enters it too."""
+        return inference_autocast(self.test_amp_precision, self.device)
+
+    def preprocess_image(self, batched_inputs: List[Dict[str, Any]]) -> ImageList:
+        """:meth:`DenseDetector.preprocess_image` (normalise, pad, batch); the batch in
+        channels-last format when the model is."""
+        images = super().preprocess_image(batched_inputs)
+        if self.channels_last:
+            images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
+        return images
 
     def forward_training(
         self,
@@ -286,17 +323,20 @@ class FocalRetinaNet(DenseDetector):
         predictions: Tuple[List[Tensor], List[Tensor]],
         gt_instances: List[Instances],
     ) -> Dict[str, Tensor]:
-        pred_logits, pred_deltas = predictions
-        anchors = Boxes.cat(self.anchor_generator(features))  # (R, 4)
-        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
-        return self.losses(
-            anchors.tensor,
-            pred_logits,  # per level: losses concatenates them only if the loss needs it
-            gt_labels,
-            cat([permute_to_N_HWA_K(x, 4) for x in pred_deltas], dim=1),
-            gt_boxes,
-            gt_classes=[gt.gt_classes for gt in gt_instances],
-        )
+        # Under autocast (SOLVER.AMP) the head's outputs are float16 / bfloat16: the losses, the
+        # labels and the normaliser are computed in float32, outside autocast.
+        pred_logits, pred_deltas = _float32(predictions)
+        with torch.autocast(self.device.type, enabled=False):
+            anchors = Boxes.cat(self.anchor_generator(features))  # (R, 4)
+            gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+            return self.losses(
+                anchors.tensor,
+                pred_logits,  # per level: losses concatenates them only if the loss needs it
+                gt_labels,
+                cat([permute_to_N_HWA_K(x, 4) for x in pred_deltas], dim=1),
+                gt_boxes,
+                gt_classes=[gt.gt_classes for gt in gt_instances],
+            )
 
     def label_anchors(
         self, anchors: Boxes, gt_instances: List[Instances]
@@ -404,9 +444,11 @@ class FocalRetinaNet(DenseDetector):
             ``pred_classes``, at most ``max_detections_per_image`` each, by decreasing score.
         """
         pp = self.postprocessing
-        per_image = find_candidates(
-            pp, anchors, pred_logits, pred_deltas, self.box2box_transform, len(image_sizes)
-        )
+        pred_logits, pred_deltas = _float32((pred_logits, pred_deltas))
+        with torch.autocast(self.device.type, enabled=False):
+            per_image = find_candidates(
+                pp, anchors, pred_logits, pred_deltas, self.box2box_transform, len(image_sizes)
+            )
         return [
             self._detections(pp, boxes, scores, classes, image_size)
             for (boxes, scores, classes), image_size in zip(per_image, image_sizes)
@@ -431,10 +473,12 @@ class FocalRetinaNet(DenseDetector):
             list[tuple[Tensor, Tensor, Tensor]]: N (boxes (C_i, 4) float32 XYXY, unclipped, in
             the input image's coordinates; scores (C_i,) float32; classes (C_i,) int64).
         """
-        return find_candidates(
-            self.postprocessing, anchors, pred_logits, pred_deltas, self.box2box_transform,
-            num_images,
-        )  # fmt: skip
+        pred_logits, pred_deltas = _float32((pred_logits, pred_deltas))
+        with torch.autocast(self.device.type, enabled=False):
+            return find_candidates(
+                self.postprocessing, anchors, pred_logits, pred_deltas, self.box2box_transform,
+                num_images,
+            )  # fmt: skip
 
     def select_detections(
         self, boxes: Tensor, scores: Tensor, classes: Tensor, image_size: Tuple[int, int]
@@ -466,3 +510,14 @@ class FocalRetinaNet(DenseDetector):
         return Instances(
             image_size, pred_boxes=Boxes(kept_boxes), scores=kept_scores, pred_classes=kept_classes
         )
+
+
+def _float32(
+    predictions: Tuple[List[Tensor], List[Tensor]]
+) -> Tuple[List[Tensor], List[Tensor]]:
+    """The head's per-level (logits, deltas) in float32 (float32 tensors are returned as they
+    are, float64 kept): what autocast made float16 / bfloat16 is decoded and scored in float32."""
+    return tuple(
+        [x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in level_list]
+        for level_list in predictions
+    )

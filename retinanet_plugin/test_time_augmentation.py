@@ -116,9 +116,10 @@ class FocalRetinaNetWithTTA(nn.Module):
         """The model's pre-NMS candidates of each input, in that input's coordinates."""
         model = self.model
         images = model.preprocess_image(inputs)
-        features = model.backbone(images.tensor)
-        features = [features[f] for f in model.head_in_features]
-        pred_logits, pred_deltas = model.head(features)
+        with model.inference_autocast():  # TEST.AMP, as the model's own inference
+            features = model.backbone(images.tensor)
+            features = [features[f] for f in model.head_in_features]
+            pred_logits, pred_deltas = model.head(features)
         anchors = model.anchor_generator(features)
         return model.candidates(anchors, pred_logits, pred_deltas, len(inputs))
 

@@ -18,7 +18,8 @@ this module composes the same pieces (``SimpleTrainer`` / ``AMPTrainer``, ``hook
   (``L(DatasetMapperTTA)(min_sizes=..., max_size=..., flip=...)``, as ``TEST.AUG.*``).
 
 The config's keys are those of detectron2's ``configs/common/train.py``: ``train.output_dir``,
-``init_checkpoint``, ``max_iter``, ``amp.enabled``, ``ddp``, ``checkpointer``, ``eval_period``,
+``init_checkpoint``, ``max_iter``, ``amp.enabled`` (and the plugin's ``amp.precision``, see
+:mod:`retinanet_plugin.precision`), ``ddp``, ``checkpointer``, ``eval_period``,
 ``log_period``, ``device``, ``seed``.
 """
 
@@ -31,7 +32,7 @@ from typing import Any, Dict, List, Optional
 from detectron2.config import instantiate
 from detectron2.data import build_detection_train_loader
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.engine import default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -40,6 +41,7 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import RetinaNetCheckpointer
 from ..data.registration import check_datasets
 from ..lazy import dataset_config, load_lazy_config, tta_model
+from ..precision import build_step_trainer, training_dtype
 from .hooks import SkippedImagesHook
 from .launch import wrap_ddp_on_cpu
 from .loss_guard import BatchRecorder, guard_nonfinite_losses
@@ -195,7 +197,13 @@ def _train(cfg: Any, args: argparse.Namespace) -> Dict[str, Any]:
     # Lets a CPU model be wrapped in DistributedDataParallel (--num-gpus > 1 on CPU).
     with wrap_ddp_on_cpu():
         model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, loader, optimizer)
+    # train.amp.precision as SOLVER.AMP.PRECISION: float16 on CUDA is detectron2's AMPTrainer,
+    # bfloat16 (the "auto" choice on CPU) the plugin's AutocastTrainer.
+    amp = cfg.train.amp
+    dtype = training_dtype(
+        amp.enabled, amp.get("precision", "auto"), cfg.train.device, "train.amp.precision"
+    )
+    trainer = build_step_trainer(model, loader, optimizer, dtype, cfg.train.device)
     # A non-finite loss names itself, the iteration and the batch's image ids.
     guard_nonfinite_losses(trainer, loader)
     checkpointer = RetinaNetCheckpointer(
