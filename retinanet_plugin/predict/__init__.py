@@ -44,7 +44,7 @@ Modules: :mod:`.inputs` (files, folders, globs, videos, :class:`Frame`), :mod:`.
 
 import itertools
 import logging
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from detectron2.structures import Instances
 
@@ -71,6 +71,7 @@ from .inputs import (
 )
 from .progress import Progress
 from .runner import Predictor, evaluation_model
+from .tiles import DEFAULT_OVERLAP, TiledPredictor
 from .writer import FALLBACK_EXTENSION, IMAGES_FILE, RESULTS_FILE, Writer
 
 __all__ = [
@@ -83,6 +84,7 @@ __all__ = [
     "Frame",
     "Predictor",
     "Progress",
+    "TiledPredictor",
     "Writer",
     "evaluation_model",
     "expand_inputs",
@@ -104,6 +106,8 @@ def predict(
     *,
     batch_size: int = 1,
     draw_thresh: float = 0.5,
+    tile: Optional[int] = None,
+    tile_overlap: Optional[float] = None,
 ) -> Tuple[List[str], Dict[str, Any]]:
     """Run ``model`` on every file of ``inputs`` and write the outputs to ``out_dir``.
 
@@ -111,7 +115,14 @@ def predict(
     with test-time augmentation). The JSON files are written however this returns or raises,
     with every image done by then.
 
+    With ``tile`` (px), each image and video frame is predicted by overlapping windows of that
+    size sharing ``tile_overlap`` of it (default 0.25), each window through the same mapper
+    resize and model as an untiled image, merged in the whole image's pixels
+    (:class:`TiledPredictor`; an image no larger than a window is predicted whole, as untiled).
+
     Raises:
+        ValueError: a tile size or overlap out of range, or ``tile`` with ``batch_size`` > 1
+            (windows run one at a time), before any input is read.
         UnsupportedKeyError: before any input is read, for a test-time key the path cannot
             honour.
 
@@ -121,6 +132,16 @@ def predict(
         ``images_per_s``, ``results_file``, ``images_file``).
     """
     size_divisibility = model.backbone.size_divisibility
+    postprocessing = model.postprocessing  # the eager model's: TTA and tiles read the same keys
+    if tile is None and tile_overlap is not None:
+        raise ValueError("--tile-overlap needs --tile SIZE")
+    if tile is not None:
+        if batch_size > 1:
+            raise ValueError(
+                f"--tile runs its windows one at a time: drop --batch-size {batch_size}"
+            )
+        tile_overlap = DEFAULT_OVERLAP if tile_overlap is None else tile_overlap
+        TiledPredictor.check_arguments(tile, tile_overlap, size_divisibility)
     model, test_augmentation = evaluation_model(cfg, model)
     files, failed = expand_inputs(inputs)
     for pattern in failed:
@@ -135,6 +156,9 @@ def predict(
     image_format = mapper.image_format
     writer = Writer(out_dir, image_format, categories, draw_thresh, test_augmentation)
     predictor = Predictor(model, batch_size, size_divisibility)
+    tiler = None
+    if tile is not None:
+        tiler = _tiled_predictor(cfg, predictor, mapper, tile, tile_overlap, postprocessing)
     if batch_size > 1 and test_augmentation is None:
         logger.info(
             "--batch-size %d: the evaluator runs one image at a time; batched convolutions may "
@@ -169,7 +193,8 @@ def predict(
                         "image": to_model_input(cfg, image, mapper.augmentations),
                         "height": height, "width": width, "image_id": next_id,
                     }
-                    emit(predictor.add(Frame(path, image, model_inputs, index)))
+                    frame = Frame(path, image, model_inputs, index)
+                    emit([(frame, tiler(image))] if tiler else predictor.add(frame))
                     next_id += 1
                 emit(predictor.flush())  # a video's frames go to its own writer
                 continue
@@ -180,7 +205,7 @@ def predict(
                 failed.append(path)
                 continue
             next_id += frame.id_from == OWN_IDS
-            emit(predictor.add(frame))
+            emit([(frame, tiler(frame.image))] if tiler else predictor.add(frame))
         emit(predictor.flush())
         finished = True
     finally:
@@ -200,3 +225,27 @@ def predict(
         "images_file": images_file,
     }
     return failed, summary
+
+
+def _tiled_predictor(cfg, predictor: Predictor, mapper, size, overlap, postprocessing):
+    """:class:`TiledPredictor` over the untiled path: each window is a frame of ``predictor``
+    (batch size 1), read by the test loader's augmentations as a video frame is."""
+    def run_window(image):
+        height, width = image.shape[:2]
+        inputs = {"image": to_model_input(cfg, image, mapper.augmentations),
+                  "height": height, "width": width}
+        ((_, instances),) = predictor.add(Frame("", image, inputs))
+        return instances
+
+    tiler = TiledPredictor(
+        run_window, size, overlap,
+        postprocessing=postprocessing, size_divisibility=predictor.size_divisibility,
+    )
+    logger.info(
+        "--tile %d: windows of %d px sharing at least %d px (--tile-overlap %g), each resized and "
+        "predicted as an image; boxes cut by a window edge handed to the window that sees them "
+        "whole, cross-window duplicates removed at IoU > %g, at most %d detections per %dx%d px "
+        "of image", size, size, tiler.overlap_px, tiler.overlap, postprocessing.nms_thresh,
+        postprocessing.max_detections, size, size,
+    )
+    return tiler

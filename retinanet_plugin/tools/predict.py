@@ -55,6 +55,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: config's)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        metavar="SIZE",
+        help="predict large images by overlapping SIZE-px windows, merged in the image's pixels "
+        "(docs/predict.md, 'Large images: tiles'; default: whole images)",
+    )
+    parser.add_argument(
+        "--tile-overlap",
+        type=float,
+        default=None,
+        metavar="F",
+        help="fraction of --tile shared by neighbouring windows, in [0, 1) (default 0.25)",
+    )
+    parser.add_argument(
         "opts",
         nargs=argparse.REMAINDER,
         default=[],
@@ -96,7 +111,7 @@ def _main(args: argparse.Namespace) -> int:
         model = load_model(cfg)
         failed, summary = predict(
             cfg, model, args.input, args.output, batch_size=args.batch_size,
-            draw_thresh=args.draw_thresh,
+            draw_thresh=args.draw_thresh, tile=args.tile, tile_overlap=args.tile_overlap,
         )
     except (OSError, ValueError) as e:
         logger.error("%s", e)
