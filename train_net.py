@@ -41,6 +41,7 @@ from retinanet_plugin.data.registration import register_config_datasets
 from retinanet_plugin.engine import (
     BatchRecorder,
     SkippedImagesHook,
+    TrainingCurvesHook,
     argument_parser,
     guard_nonfinite_losses,
     run_main,
@@ -139,6 +140,7 @@ class Trainer(DefaultTrainer):
         # Appended last: it runs after EvalHook's final evaluation has saved the detections.
         ret.append(PredictionsPicture())
         skipped = getattr(self._trainer.data_loader, "skipped", None)
+        ret.append(TrainingCurvesHook())  # after the writers: results.csv, training_curves.png
         return ret + ([SkippedImagesHook(skipped)] if skipped is not None else [])
 
     def resume_or_load(self, resume=True):

@@ -42,7 +42,7 @@ from ..checkpoint import RetinaNetCheckpointer
 from ..data.registration import check_datasets
 from ..lazy import dataset_config, load_lazy_config, tta_model
 from ..precision import build_step_trainer, training_dtype
-from .hooks import SkippedImagesHook
+from .hooks import SkippedImagesHook, TrainingCurvesHook
 from .launch import wrap_ddp_on_cpu
 from .loss_guard import BatchRecorder, guard_nonfinite_losses
 from .predictions_picture import (
@@ -233,6 +233,7 @@ def _train(cfg: Any, args: argparse.Namespace) -> Dict[str, Any]:
         # Last: it runs after EvalHook's final evaluation has saved the detections.
         PredictionsPicture(**_picture(cfg)),
         SkippedImagesHook(loader.skipped) if loader.skipped is not None else None,
+        TrainingCurvesHook(cfg.train.output_dir, _picture(cfg)["dataset_name"]),  # after writers
     ])
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     # The checkpoint holds the iteration that had finished.
