@@ -4,6 +4,8 @@ hand-computed coverage of synthetic boxes; the proposal never covers fewer boxes
 run on the DeepForest demo data."""
 
 import json
+import re
+import shlex
 
 import cv2
 import numpy as np
@@ -21,6 +23,7 @@ from detectron2.structures import Boxes, BoxMode, ImageList, pairwise_iou
 from retinanet_plugin import add_retinanet_plugin_config
 from retinanet_plugin import anchors as aa
 from retinanet_plugin.anchors import matching
+from retinanet_plugin.anchors.advice import shell_lines
 from retinanet_plugin.data import convert_voc_to_coco, fetch_deepforest
 from retinanet_plugin.tools import analyze_anchors
 
@@ -451,14 +454,20 @@ def test_cli_on_demo_data(demo_json, tmp_path, capsys):
     # off along both axes, IoU (21.8 - 4)^2 / (2 * 21.8^2 - 17.8^2) = 0.5.
     tiny = saved["too_small_for_grid"]
     assert tiny["side_px"] == 21.8 and tiny["finest_stride"] == 8
-    fg_pct = saved["proposal"]["coverage"]["summary"]["foreground_pct"]
-    assert tiny["uncovered"] == round(len(boxes) * (100 - fg_pct) / 100)
+    assert tiny["uncovered"] == int((num_fg == 0).sum())  # the config's own uncovered boxes
     assert 0 <= tiny["smaller"] <= tiny["uncovered"]
     proposal = saved["proposal"]
     assert proposal["coverage"]["summary"]["foreground_pct"] >= summary["foreground_pct"]
-    for line in proposal["config_lines"]:
-        assert line in printed
-    assert "MODEL.ANCHOR_GENERATOR.SIZES [[" in printed
+    # The verdict opens the output; every change tried is listed with its measured coverage,
+    # and the words of those that gain the margin are printed as a shell reads them.
+    assert printed.splitlines()[0] == saved["verdict"]
+    assert saved["advice"], "the crowns under 21.8 px make the finer level worth trying"
+    for entry in saved["advice"]:
+        assert f"- {entry['title']}: {summary['foreground_pct']:.2f}% -> " \
+               f"{entry['foreground_pct']:.2f}%" in printed
+        block = "".join(f"    {line}\n" for line in shell_lines(entry["arguments"], "yaml"))
+        assert (block in printed) == entry["helps"]
+        assert entry["helps"] == (entry["gain_points"] >= saved["min_gain"])
     picture = cv2.imread(str(out / "best_iou_histogram.png"))
     assert picture is not None and picture.shape[0] > 100 and picture.std() > 0
 
@@ -513,3 +522,150 @@ def test_two_stage_config_uses_the_rpn_keys():
     # 32*22.6 / (2048 - 724) = 0.55, P3 64 px anchors 0.25.
     cov = aa.measure_coverage(_box_set([[80, 80, 112, 112]], 256, 320), cfg, layout, [256])
     assert cov.num_fg.tolist() == [5] and cov.best_iou.tolist() == [1.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdict, advice as override words, per-class coverage: golden hand-made datasets
+# ---------------------------------------------------------------------------------------------
+
+# The demo's anchors (16-406 px on P3-P7, strides 8-128, ratios 0.5 / 1 / 2, offset 0, so
+# anchors are centred on multiples of the stride), its 400x400 tiles trained at 400 (no resize).
+DEMO = f"{CONFIGS}/demo_deepforest_mobilenet_v2_fpn.yaml"
+DEMO_OPTS = ["MODEL.MOBILENET.PRETRAINED", "False"]
+
+
+def _coco_json(path, boxes, categories=((1, "object"),)):
+    """One 400x400 image holding ``boxes``: (x0, y0, side_w, side_h[, category_id]) rows."""
+    annotations = [{"id": i + 1, "image_id": 1, "bbox": [float(v) for v in b[:4]],
+                    "category_id": int(b[4]) if len(b) > 4 else categories[0][0],
+                    "area": float(b[2] * b[3]), "iscrowd": 0} for i, b in enumerate(boxes)]
+    path.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "height": 400, "width": 400}],
+        "annotations": annotations,
+        "categories": [{"id": i, "name": n} for i, n in categories],
+    }))
+    return str(path)
+
+
+def _centred(side, centres):
+    """Square boxes of ``side`` px centred on ``centres`` (x, y)."""
+    return [(x - side / 2, y - side / 2, side, side) for x, y in centres]
+
+
+def _run(dataset, tmp_path, capsys, *extra):
+    report = analyze_anchors.main(["--config-file", DEMO, "--dataset", dataset, "--output",
+                                   str(tmp_path / "out"), "--search-pairs", "400", *extra,
+                                   *DEMO_OPTS])
+    return report, capsys.readouterr().out
+
+
+def _advised_words(printed):
+    """The override words printed under the ADVISED change, as a shell reads them."""
+    lines = printed.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.endswith(": ADVISED")) + 2
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("    "):
+            break
+        block.append(line.strip().rstrip("\\"))
+    return shlex.split(" ".join(block))
+
+
+def test_verdict_anchors_fit(tmp_path, capsys):
+    """Boxes equal to the demo's 16 px (P3) and 32 px (P4) square anchors, centred on their
+    grid points: every best IoU is 1, so nothing can cover more boxes or fit them better."""
+    boxes = _centred(16, [(8 * i, 8 * j) for i in range(10, 40, 4) for j in (16, 24)])
+    boxes += _centred(32, [(16 * i, 16 * j) for i in range(3, 23, 2) for j in (15, 20)])
+    report, printed = _run(_coco_json(tmp_path / "fit.json", boxes), tmp_path, capsys)
+    assert report["coverage"]["summary"]["foreground_pct"] == 100.0
+    assert report["advised"] is None and report["advice"] == []
+    assert printed.splitlines()[0] == report["verdict"] == (
+        "anchors fit: 100.00% of boxes have a foreground anchor; no change needed (no change "
+        "found to try; --min-gain 1)")
+    assert "keys, after" not in printed
+    assert set(report["not_tried"]) == {"anchors", "finer level", "coarser level"}
+
+
+def test_verdict_names_the_finer_level_keys_and_they_merge(tmp_path, capsys):
+    """10x10 boxes centred half a stride (4 px) off the P3 grid along both axes: the best P3
+    anchor (16 px, 4 px off) reaches 9 * 9 / (100 + 256 - 81) = 0.29, and no anchor of any
+    size at stride 8 reaches 0.5 (a square anchor of side a: (1 + a/2)^2 / (100 + a^2 -
+    (1 + a/2)^2) <= 0.29 for a <= 18, 100 / a^2 < 0.31 above). One level finer with the sizes
+    halved puts 10.08 px anchors on the stride-4 grid, concentric with the boxes:
+    100 / 10.08^2 = 0.98. Coverage 0% -> 100%; the printed words, merged through the
+    project's config loading, give the printed figure."""
+    boxes = _centred(10, [(8 * i + 4, 8 * j + 4) for i in range(5, 45, 3) for j in (10, 20, 30)])
+    dataset = _coco_json(tmp_path / "tiny.json", boxes)
+    report, printed = _run(dataset, tmp_path, capsys)
+    assert report["coverage"]["summary"]["foreground_pct"] == 0.0
+    assert report["too_small_for_grid"]["smaller"] == len(boxes)
+    advised = report["advice"][report["advised"]]
+    assert advised["kind"] == "finer level"
+    assert list(advised["changes"]) == ["MODEL.FPN.IN_FEATURES", "MODEL.RETINANET.IN_FEATURES",
+                                        "MODEL.ANCHOR_GENERATOR.SIZES"]
+    assert advised["foreground_pct"] == 100.0 and advised["gain_points"] == 100.0
+    assert printed.splitlines()[0] == report["verdict"] == (
+        "change the config: one level finer (p2-p6), anchor sizes x 0.5 gives 0.00% -> 100.00% "
+        "of boxes with a foreground anchor (+100.00 points >= --min-gain 1); keys: "
+        "MODEL.FPN.IN_FEATURES, MODEL.RETINANET.IN_FEATURES, MODEL.ANCHOR_GENERATOR.SIZES")
+    words = _advised_words(printed)
+    assert words[::2] == list(advised["changes"])
+    cfg = analyze_anchors.setup_cfg(DEMO, DEMO_OPTS + words)
+    assert list(cfg.MODEL.FPN.IN_FEATURES) == ["res2", "res3", "res4", "res5"]
+    again, _, _ = aa.analyze(cfg, [dataset], propose=False)
+    assert again["coverage"] == advised["coverage"]
+    assert again["anchors"]["strides"] == [4, 8, 16, 32, 64]
+    assert again["anchors"]["sizes"][0] == [8.0, 10.08, 12.7]  # 16, 20.16, 25.4 halved
+
+
+def test_no_change_under_the_margin_says_why(tmp_path, capsys):
+    """199 boxes equal to 16 px P3 anchors (IoU 1) and one 11x11 box on a grid point: IoU with
+    the 16 px anchor 121 / 256 = 0.47, uncovered. Anchors scaled by f in [0.71, 0.97] cover it
+    too ((11 / 16f)^2 >= 0.5) and keep the others (f^2 >= 0.5); one level finer gives it a
+    concentric 10.08 px anchor (0.84). Either gains 1 box of 200 = 0.5 points, under the
+    default margin of 1; with --min-gain 0.5 one is advised and its keys printed."""
+    centres = [(16 * i + 8, 16 * j + 8) for i in range(1, 24) for j in range(1, 24)][:199]
+    boxes = _centred(16, centres) + _centred(11, [(200, 200)])
+    dataset = _coco_json(tmp_path / "margin.json", boxes)
+    report, printed = _run(dataset, tmp_path, capsys)
+    assert report["coverage"]["summary"]["foreground_pct"] == 99.5  # 199 / 200
+    gains = {a["kind"]: a["gain_points"] for a in report["advice"]}
+    assert gains["anchors"] == 0.5 and max(gains.values()) == 0.5
+    assert report["advised"] is None
+    assert report["verdict"].startswith(
+        "anchors fit: 99.50% of boxes have a foreground anchor; no change needed (the best of "
+        f"{len(report['advice'])} changes tried gains +0.50 points; --min-gain 1)")
+    assert "keys, after" not in printed and "MODEL.ANCHOR_GENERATOR.SIZES" not in printed
+    assert "the proposed anchor sizes and aspect ratios: 99.50% -> 100.00% (+0.50 points)" \
+        in printed
+    assert printed.count("not advised, under --min-gain 1") == sum(
+        a["gain_points"] < 1 for a in report["advice"])
+
+    report, printed = _run(dataset, tmp_path, capsys, "--min-gain", "0.5")
+    assert report["advice"][report["advised"]]["gain_points"] == 0.5
+    assert report["verdict"].startswith("change the config:") and "keys, after" in printed
+
+
+def test_per_class_coverage_counts(tmp_path, capsys):
+    """Class "big" (id 7): 30 boxes equal to 32 px P4 anchors, IoU 1. Class "tiny" (id 9): 10
+    boxes of 4x4 centred on a P3 grid point, best IoU 16 / 256 = 0.0625 with the 16 px anchor.
+    Class "unused" (id 3) has no box; its row says 0."""
+    big = [(*b, 7) for b in _centred(32, [(16 * i, 16 * j) for i in range(3, 23, 2)
+                                          for j in (5, 12, 20)])]
+    tiny = [(*b, 9) for b in _centred(4, [(8 * i, 320) for i in range(10, 40, 3)])]
+    dataset = _coco_json(tmp_path / "two.json", big + tiny,
+                         categories=((3, "unused"), (7, "big"), (9, "tiny")))
+    report, printed = _run(dataset, tmp_path, capsys, "--no-proposal")
+    rows = {r["bucket"]: r for r in report["coverage"]["by_class"]}
+    assert [r["bucket"] for r in report["coverage"]["by_class"]] == ["unused", "big", "tiny"]
+    assert (rows["big"]["boxes"], rows["big"]["foreground_pct"],
+            rows["big"]["median_best_iou"]) == (30, 100.0, 1.0)
+    assert (rows["tiny"]["boxes"], rows["tiny"]["foreground_pct"],
+            rows["tiny"]["median_best_iou"]) == (10, 0.0, 0.0625)
+    assert rows["unused"]["boxes"] == 0
+    assert report["coverage"]["summary"]["foreground_pct"] == 75.0  # 30 / 40
+    assert re.search(r"^class +boxes +fg % .* med IoU", printed, re.M)
+    assert re.search(r"^big +30 +100\.00 +0\.00 +0\.00 +1\.000 ", printed, re.M)
+    assert re.search(r"^tiny +10 +0\.00 +100\.00 +0\.00 +0\.062 ", printed, re.M)
+    assert report["verdict"] == ("75.00% of boxes have a foreground anchor (--no-proposal: no "
+                                 "change tried)")

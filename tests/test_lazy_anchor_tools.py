@@ -3,6 +3,8 @@ as with its YAML twin, on a tiny synthetic COCO set; the YAML keys these tools r
 converted exactly (lazy.yacs_keys) for every config twin."""
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from PIL import Image
 from detectron2.modeling import build_model
 
 from retinanet_plugin import RetinaNetCheckpointer
+from retinanet_plugin import anchors as aa
 from retinanet_plugin.config import load_config
 from retinanet_plugin.lazy import load_lazy_config, yacs_keys
 from retinanet_plugin.tools import analyze_anchors, loss_cdf
@@ -119,13 +122,76 @@ def test_analyze_anchors_of_a_lazy_config_equals_its_yaml_twins(name, data, tmp_
         printed[kind] = capsys.readouterr().out.replace(str(out), "OUT")
         saved = json.loads((out / "anchor_report.json").read_text())
         assert saved["config_file"].endswith(f"{name}.{kind}")
+        assert saved["syntax"] == {"yaml": "yaml", "py": "lazy"}[kind]
         for report in (saved, reports[kind]):
             report.pop("config_file")
+            report.pop("syntax")
             report["histogram"] = report["histogram"].replace(str(out), "OUT")
         assert saved == json.loads(json.dumps(reports[kind]))
     assert reports["yaml"]["boxes"] == 9 and reports["yaml"]["datasets"] == [DATASET]
+    # The same changes (as YAML keys), measured alike; only their override words differ: KEY
+    # VALUE pairs for the YAML config, key=value words for the .py one.
+    words = {}
+    for kind in ("py", "yaml"):
+        words[kind] = [entry.pop("arguments") for entry in reports[kind]["advice"]]
+        reports[kind]["verdict"] = re.sub(r"; keys: .*$", "", reports[kind]["verdict"])
+    assert all(w[0].startswith("MODEL.") for w in words["yaml"] if w)
+    assert all(w.startswith("model.") and "=" in w for ws in words["py"] for w in ws)
     assert reports["py"] == reports["yaml"]
-    assert printed["py"] == printed["yaml"]
+    assert _without_words(printed["py"]) == _without_words(printed["yaml"])
+
+
+def _without_words(printed):
+    """The printed report less the override words (and the verdict's list of keys)."""
+    lines = [line for line in printed.splitlines()
+             if not line.startswith("    ") and not line.startswith("  keys, after")]
+    lines[0] = re.sub(r"; keys: .*$", "", lines[0])
+    return lines
+
+
+def test_printed_lazy_words_merge_into_the_py_config(tmp_path, capsys):
+    """10x10 boxes half a stride off the P3 grid (the golden case of test_analyze_anchors.py):
+    no anchor at stride 8 covers them, one level finer does. The key=value words printed for
+    the .py config, applied through the tool's own loading (load_lazy_config, yacs_keys, the
+    backbone instantiated and its anchors checked against the config's generator), give the
+    coverage printed; the generator's strides and the bottom-up's out_features move with the
+    levels, which YAML derives but a .py config states."""
+    boxes = [[8 * i + 4 - 5, 8 * j + 4 - 5, 10, 10] for i in range(5, 45, 3) for j in (10, 30)]
+    dataset = tmp_path / "tiny.json"
+    dataset.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "height": 400, "width": 400}],
+        "annotations": [{"id": k + 1, "image_id": 1, "bbox": b, "category_id": 1, "area": 100,
+                         "iscrowd": 0} for k, b in enumerate(boxes)],
+        "categories": [{"id": 1, "name": "cell"}],
+    }))
+    config = str(CONFIGS / "demo_deepforest_mobilenet_v2_fpn.py")
+    opts = ["model.backbone.bottom_up.features.pretrained=False"]
+    report = analyze_anchors.main(["--config-file", config, "--dataset", str(dataset),
+                                   "--output", str(tmp_path / "out"), "--search-pairs", "200",
+                                   *opts])
+    printed = capsys.readouterr().out
+    advised = report["advice"][report["advised"]]
+    assert advised["foreground_pct"] == 100.0 and report["coverage"]["summary"][
+        "foreground_pct"] == 0.0
+    lines = printed.splitlines()
+    start = lines.index(f"- {advised['title']}: 0.00% -> 100.00% (+100.00 points), median best "
+                        f"IoU {report['coverage']['summary']['median_best_iou']:.3f} -> "
+                        f"{advised['coverage']['summary']['median_best_iou']:.3f}: ADVISED") + 2
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("    "):
+            break
+        block.append(line.strip().rstrip("\\"))
+    words = shlex.split(" ".join(block))
+    assert {w.split("=")[0] for w in words} == {
+        "model.backbone.in_features", "model.backbone.bottom_up.out_features",
+        "model.head_in_features", "model.anchor_generator.sizes",
+        "model.anchor_generator.strides"}
+    assert printed.splitlines()[0].endswith("keys: " + ", ".join(w.split("=")[0] for w in words))
+    cfg, backbone = analyze_anchors.setup(config, opts + words)
+    again, _, _ = aa.analyze(cfg, [str(dataset)], propose=False, backbone=backbone)
+    assert again["coverage"] == advised["coverage"]
+    assert again["anchors"]["strides"] == [4, 8, 16, 32, 64]
 
 
 def test_loss_cdf_of_a_lazy_config_equals_its_yaml_twins(data, tmp_path):
@@ -194,7 +260,18 @@ def test_analyze_anchors_without_resize_uses_the_images_own_size(data, tmp_path,
         reports[kind].pop("config_file")
         reports[kind]["histogram"] = reports[kind]["histogram"].replace(str(tmp_path / kind), "")
     assert reports["yaml"]["training_short_edges"] == [0]
-    assert reports["py"] == reports["yaml"]
+    assert _without_syntax(reports["py"]) == _without_syntax(reports["yaml"])
+
+
+def _without_syntax(report):
+    """The report less what depends on the config's kind: its override words and the keys
+    they name in the verdict."""
+    report = json.loads(json.dumps(report))
+    report.pop("syntax")
+    for entry in report["advice"]:
+        entry.pop("arguments")
+    report["verdict"] = re.sub(r"; keys: .*$", "", report["verdict"])
+    return report
 
 
 def test_loss_cdf_without_resize_uses_the_images_own_size(data, tmp_path):

@@ -8,8 +8,9 @@ of ``MODEL.RETINANET.IOU_THRESHOLDS`` / ``IOU_LABELS`` (``MODEL.RPN``'s for a tw
 whose anchors are the RPN's or FocalRPN's). A box is *foreground* when it has at least one such
 anchor, *low-quality only* when it has none but ``ALLOW_LOW_QUALITY_MATCHES`` still makes its
 best anchor foreground (detectron2's ``Matcher``), and *uncovered* otherwise: such a box trains
-nothing but background. It then searches anchor sizes and aspect ratios that cover more boxes
-(:func:`propose_anchors`).
+nothing but background. It then tries changes that could cover more boxes: anchor sizes and
+aspect ratios (:func:`propose_anchors`), a pyramid level finer or coarser; each is measured by
+re-running the analysis on the changed config, and one that gains at least a margin is advised.
 
 An anchor with IoU >= the threshold with two overlapping boxes counts for both in ``num_fg``;
 ``kept_fg`` counts what each box keeps once the matcher gives every anchor to the box it
@@ -18,13 +19,22 @@ overlaps most.
 One module per step, each importing only those before it:
 ``layout`` (where the anchors lie), ``thresholds`` (how the matcher labels them), ``boxes``
 (the ground truth at training scale), ``matching`` (per-box IoU statistics), ``coverage``
-(per-box results and tables), ``proposal`` (the search), ``analysis`` (the whole report),
-``report`` (text tables) and ``histogram`` (the PNG). The command line is
-``python -m retinanet_plugin.tools.analyze_anchors``.
+(per-box results and tables), ``proposal`` (the search),
+``levels`` (the keys that move the anchors a pyramid level finer or coarser), ``advice`` (changes
+as override words, and the verdict), ``analysis`` (the whole report), ``report`` (text) and
+``histogram`` (the PNG). The command line is ``python -m retinanet_plugin.tools.analyze_anchors``.
 """
 
-from .analysis import analyze
-from .boxes import BoxSet, boxes_from_dicts, load_dataset_dicts, resize_boxes, training_short_edges
+from .advice import DEFAULT_MIN_GAIN, Advice, verdict, yaml_arguments
+from .analysis import analyze, config_coverage
+from .boxes import (
+    BoxSet,
+    boxes_from_dicts,
+    dataset_class_names,
+    load_dataset_dicts,
+    resize_boxes,
+    training_short_edges,
+)
 from .coverage import Coverage, coverage_tables, measure_coverage, too_small_for_grid
 from .histogram import save_histogram
 from .layout import (
@@ -34,13 +44,23 @@ from .layout import (
     anchor_layout,
     backbone_shapes,
 )
+from .levels import LevelMove, coarser_level_moves, finer_level_moves
 from .matching import box_anchor_stats
 from .proposal import Proposal, propose_anchors
 from .report import format_report, format_table
 from .thresholds import allow_low_quality_matches, matcher_thresholds
 
 __all__ = [
+    "DEFAULT_MIN_GAIN",
+    "Advice",
     "AnchorLayout",
+    "LevelMove",
+    "coarser_level_moves",
+    "config_coverage",
+    "dataset_class_names",
+    "finer_level_moves",
+    "verdict",
+    "yaml_arguments",
     "BoxSet",
     "Coverage",
     "Proposal",

@@ -1,6 +1,7 @@
 """Ground-truth boxes as training sees them: read from a dataset, crowd and empty boxes
 dropped, resized to every training size."""
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -8,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.structures import BoxMode
@@ -46,6 +47,8 @@ class BoxSet:
     skipped_empty: int = 0
     # (N,) int64, non-decreasing: the image of each box; None = every box alone in its image.
     image_index: Optional[np.ndarray] = None
+    # (N,) int64: the category_id of each box, as the dataset dicts hold it; None = unknown.
+    category: Optional[np.ndarray] = None
 
 
 def boxes_from_dicts(dataset_dicts: Sequence[Dict[str, Any]]) -> BoxSet:
@@ -54,7 +57,7 @@ def boxes_from_dicts(dataset_dicts: Sequence[Dict[str, Any]]) -> BoxSet:
     Crowd boxes are dropped, as ``DatasetMapper`` drops them before matching; so are boxes of
     zero width or height, which ``filter_empty_instances`` drops.
     """
-    boxes, sizes, index, crowd, empty = [], [], [], 0, 0
+    boxes, sizes, index, category, crowd, empty = [], [], [], [], 0, 0
     for i, d in enumerate(dataset_dicts):
         for key in ("height", "width"):
             if key not in d:
@@ -70,6 +73,7 @@ def boxes_from_dicts(dataset_dicts: Sequence[Dict[str, Any]]) -> BoxSet:
             boxes.append(box)
             sizes.append((d["height"], d["width"]))
             index.append(i)
+            category.append(int(ann.get("category_id", -1)))
     return BoxSet(
         boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
         image_hw=np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
@@ -77,6 +81,7 @@ def boxes_from_dicts(dataset_dicts: Sequence[Dict[str, Any]]) -> BoxSet:
         skipped_crowd=crowd,
         skipped_empty=empty,
         image_index=np.asarray(index, dtype=np.int64),
+        category=np.asarray(category, dtype=np.int64),
     )
 
 
@@ -93,6 +98,18 @@ def resize_boxes(box_set: BoxSet, short_edge: int, max_size: int) -> Tuple[np.nd
     scale = new_hw / np.maximum(box_set.image_hw, 1)
     boxes = box_set.boxes * np.concatenate([scale[:, 1:], scale[:, :1]] * 2, axis=1)
     return boxes, new_hw
+
+
+def dataset_class_names(name: str) -> Dict[int, str]:
+    """``category_id`` -> class name of the dicts :func:`load_dataset_dicts` returns: a COCO
+    JSON file's ``categories`` (its ids are kept as they are), or a registered dataset's
+    ``thing_classes`` (its dicts hold contiguous ids); empty when the dataset names none."""
+    if name.endswith(".json"):
+        with open(name) as f:
+            categories = json.load(f).get("categories", [])
+        return {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+    classes = MetadataCatalog.get(name).get("thing_classes", None) or []
+    return dict(enumerate(map(str, classes)))
 
 
 def load_dataset_dicts(name: str) -> List[Dict[str, Any]]:

@@ -42,6 +42,7 @@ class Coverage:
     kept_fg: np.ndarray  # foreground anchors left to the box after matching (neighbours' taken)
     fg_threshold: float
     allow_low_quality: bool
+    category: Optional[np.ndarray] = None  # the box's category_id; None: unknown
 
     @property
     def foreground(self) -> np.ndarray:
@@ -72,8 +73,11 @@ def measure_coverage(box_set: BoxSet, cfg: CfgNode, layout: AnchorLayout,
                       np.full(len(boxes), short), kept.numpy()))
     cols = [np.concatenate(c) for c in zip(*parts)] if parts else [np.zeros(0)] * 7
     names = ("area", "aspect", "best_iou", "num_fg", "best_level", "short_edge", "kept_fg")
+    category = None
+    if box_set.category is not None:
+        category = np.tile(box_set.category, len(short_edges))  # pairs in short-edge order
     return Coverage(**dict(zip(names, cols)), fg_threshold=fg,
-                    allow_low_quality=allow_low_quality_matches(cfg))
+                    allow_low_quality=allow_low_quality_matches(cfg), category=category)
 
 
 def _row(cov: Coverage, mask: np.ndarray, label: str) -> Dict[str, Any]:
@@ -95,10 +99,13 @@ def _row(cov: Coverage, mask: np.ndarray, label: str) -> Dict[str, Any]:
     }
 
 
-def coverage_tables(cov: Coverage, level_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Summary, per-bucket rows (area, side quartiles, aspect ratio, training size), the
-    distribution of foreground anchors per box, and how many boxes have their best anchor on
-    each level (named by ``level_names``, e.g. the head's IN_FEATURES)."""
+def coverage_tables(cov: Coverage, level_names: Optional[Sequence[str]] = None,
+                    class_names: Optional[Dict[int, str]] = None) -> Dict[str, Any]:
+    """Summary, per-bucket rows (area, side quartiles, aspect ratio, training size, and class
+    when ``cov`` knows the boxes' categories), the distribution of foreground anchors per box,
+    and how many boxes have their best anchor on each level (named by ``level_names``, e.g. the
+    head's IN_FEATURES). ``class_names``: category_id -> name (every named class gets a row,
+    an unnamed id is shown as its number)."""
     side = np.sqrt(cov.area)
     tables: Dict[str, Any] = {"summary": _row(cov, np.ones(len(side), bool), "all")}
     tables["by_area"] = [_row(cov, (cov.area >= lo) & (cov.area < hi), name)
@@ -118,6 +125,10 @@ def coverage_tables(cov: Coverage, level_names: Optional[Sequence[str]] = None) 
                                  for name, lo, hi in ASPECT_BUCKETS]
     tables["by_training_size"] = [_row(cov, cov.short_edge == s, f"short edge {s}")
                                   for s in np.unique(cov.short_edge).tolist()]
+    if cov.category is not None:
+        known = dict(class_names or {})
+        ids = sorted(set(known) | set(np.unique(cov.category).tolist()))
+        tables["by_class"] = [_row(cov, cov.category == i, known.get(i, str(i))) for i in ids]
     for key, counts in (("fg_anchors_per_box", cov.num_fg),
                         ("kept_fg_anchors_per_box", cov.kept_fg)):
         tables[key] = {

@@ -59,13 +59,19 @@ def _backbone_cfg(cfg: CfgNode) -> CfgNode:
     return cfg
 
 
+def build_backbone_for_shapes(cfg: CfgNode) -> Backbone:
+    """The config's backbone on the CPU without pretrained weights (only its shapes, padding
+    and structure are read)."""
+    return build_backbone(_backbone_cfg(cfg))
+
+
 def backbone_shapes(
     cfg: CfgNode, backbone: Optional[Backbone] = None
 ) -> Tuple[Dict[str, ShapeSpec], int, int]:
     """(output shapes, size divisibility, square size) of the config's backbone, built once
     without weights; or of ``backbone`` (a Python config's, built by the caller)."""
     if backbone is None:
-        backbone = build_backbone(_backbone_cfg(cfg))
+        backbone = build_backbone_for_shapes(cfg)
     constraints = getattr(backbone, "padding_constraints", None) or {}
     divisibility = constraints.get("size_divisibility", backbone.size_divisibility)
     return backbone.output_shape(), int(divisibility or 0), int(constraints.get("square_size", 0))

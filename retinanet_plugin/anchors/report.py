@@ -3,6 +3,8 @@
 import textwrap
 from typing import Any, Dict, Sequence
 
+from .advice import shell_lines
+
 
 def format_table(rows: Sequence[Dict[str, Any]], title: str) -> str:
     """A fixed-width text table of :func:`~.coverage.coverage_tables` rows."""
@@ -22,11 +24,18 @@ def format_table(rows: Sequence[Dict[str, Any]], title: str) -> str:
     return "\n".join(lines)
 
 
-def format_report(report: Dict[str, Any]) -> str:
-    """The printed tables."""
+def format_report(report: Dict[str, Any], syntax: str = "yaml") -> str:
+    """The printed report: the one-line verdict, the tables, and the changes tried.
+
+    Args:
+        syntax: how the advised keys are printed: "yaml" (KEY VALUE pairs for ``train_net.py``
+            with a YAML config) or "lazy" (``key=value`` words for a ``.py`` config).
+    """
     cov = report["coverage"]
     s = cov["summary"]
     out = [
+        report["verdict"],
+        "",
         f"{report['boxes']} boxes in {report['images']} images of {report['datasets']}, at "
         f"training sizes {report['training_short_edges']} (max {report['max_size_train']}): "
         f"{s['boxes']} box-size pairs",
@@ -36,11 +45,13 @@ def format_report(report: Dict[str, Any]) -> str:
         f"{report['allow_low_quality_matches']}",
         "",
     ]
-    for key, title in (("by_area", "area (training scale)"),
+    for key, title in (("by_class", "class"),
+                       ("by_area", "area (training scale)"),
                        ("by_side_quartile", "sqrt(area) quartile"),
                        ("by_aspect_ratio", "aspect ratio h/w"),
                        ("by_training_size", "training size"),):
-        out += [format_table(cov[key], title), ""]
+        if key in cov:
+            out += [format_table(cov[key], title), ""]
     out += [format_table([s], "all boxes"), ""]
     out.append("foreground anchors per box: " + ", ".join(
         f"{k}: {v}" for k, v in cov["fg_anchors_per_box"].items()))
@@ -48,31 +59,52 @@ def format_report(report: Dict[str, Any]) -> str:
         f"{k}: {v}" for k, v in cov["kept_fg_anchors_per_box"].items()))
     out.append("boxes whose best anchor is on each level: " + ", ".join(
         f"{k}: {n}" for k, n in cov["best_level"].items()))
-    prop = report.get("proposal")
-    if prop:
-        ps = prop["coverage"]["summary"]
-        out.append("")
-        if prop["improved"]:
-            out.append(
-                f"Proposed anchors ({prop['candidates_scored']} candidates scored): boxes with a "
-                f"foreground anchor {s['foreground_pct']:.2f}% -> {ps['foreground_pct']:.2f}%, "
-                f"median best IoU {s['median_best_iou']:.3f} -> {ps['median_best_iou']:.3f}"
-            )
-        else:
-            out.append(
-                f"No candidate of {prop['candidates_scored']} covers more boxes than the config's "
-                f"anchors ({s['foreground_pct']:.2f}% with a foreground anchor); keep them:"
-            )
-        out += ["  " + line for line in prop["config_lines"]]
-        if prop["improved"]:
-            out += ["", format_table(prop["coverage"]["by_area"], "proposed: area")]
     tiny = report.get("too_small_for_grid")
     if tiny and tiny["smaller"]:
         out += ["", textwrap.fill(
-                f"{tiny['smaller']} of the {tiny['uncovered']} box-size pairs still without a "
+                f"{tiny['smaller']} of the {tiny['uncovered']} box-size pairs without a "
                 f"foreground anchor are smaller than {tiny['side_px']:g} px "
                 f"({tiny['side_px'] / tiny['finest_stride']:.1f} strides of the finest level, "
                 f"stride {tiny['finest_stride']}): off-grid by half a stride, such a "
                 "box stays below the threshold with any anchor of its size; a finer level "
-                "(smaller stride) would help them more than other anchor sizes.", width=96)]
+                "(smaller stride) can help them more than other anchor sizes.", width=96)]
+    if "proposal" in report:
+        out += ["", *_format_advice(report, syntax)]
     return "\n".join(out)
+
+
+def _format_advice(report: Dict[str, Any], syntax: str) -> list:
+    """The changes tried, each with the coverage measured with it; keys for those that gain at
+    least the margin, the advised one first."""
+    before = report["coverage"]["summary"]["foreground_pct"]
+    margin = report["min_gain"]
+    entries = report["advice"]
+    out = textwrap.wrap(
+        "Changes tried, each measured by re-running the analysis on the changed config "
+        f"(advised when it gives >= {margin:g} more percentage points of boxes a foreground "
+        "anchor, --min-gain):", width=96)
+    order = sorted(range(len(entries)), key=lambda i: i != report.get("advised"))
+    for i in order:
+        e = entries[i]
+        if "error" in e:
+            out.append(f"- {e['title']}: could not be measured ({e['error']})")
+            continue
+        status = ("ADVISED" if i == report.get("advised") else
+                  "also helps" if e["helps"] else f"not advised, under --min-gain {margin:g}")
+        out.append(f"- {e['title']}: {before:.2f}% -> {e['foreground_pct']:.2f}% "
+                   f"({e['gain_points']:+.2f} points), median best IoU "
+                   f"{report['coverage']['summary']['median_best_iou']:.3f} -> "
+                   f"{e['coverage']['summary']['median_best_iou']:.3f}: {status}")
+        if e["helps"]:
+            where = ("after train_net.py --config-file CONFIG (or set in the YAML file)"
+                     if syntax == "yaml" else "after train_net.py --config-file CONFIG.py")
+            out.append(f"  keys, {where}:")
+            out += ["    " + line for line in shell_lines(e["arguments"], syntax)]
+    for kind, reason in report.get("not_tried", {}).items():
+        out.append(f"- {kind}: not tried, {reason}")
+    advised = report.get("advised")
+    if advised is not None:
+        out += ["", format_table(entries[advised]["coverage"]["by_area"], "advised: area")]
+        if "by_class" in entries[advised]["coverage"]:
+            out += ["", format_table(entries[advised]["coverage"]["by_class"], "advised: class")]
+    return out

@@ -3,9 +3,13 @@
 Run as::
 
     python -m retinanet_plugin.tools.analyze_anchors --config-file CONFIG [--dataset NAME]
-        [--output DIR] [--search-pairs N] [--no-proposal] [KEY VALUE ...]
+        [--output DIR] [--search-pairs N] [--min-gain POINTS] [--no-proposal] [KEY VALUE ...]
 
-Prints the coverage tables and the proposed anchors, and writes ``anchor_report.json`` and
+Prints a one-line verdict (the anchors fit, or which change to make and the coverage it gives),
+the coverage tables (per class too), and the changes tried, each measured by loading the config
+with it as ``train_net.py`` would and re-running the analysis; a change that gains at least
+``--min-gain`` percentage points of boxes with a foreground anchor is printed as override words
+to paste after ``train_net.py --config-file CONFIG``. Writes ``anchor_report.json`` and
 ``best_iou_histogram.png`` to ``--output``. The analysis itself, and what its figures mean,
 is :mod:`retinanet_plugin.anchors`; this module is its command line.
 
@@ -20,7 +24,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,9 +33,12 @@ from detectron2.modeling import Backbone
 
 # The package's public API, importable from here too for callers of this module.
 from retinanet_plugin.anchors import (  # noqa: F401
+    DEFAULT_MIN_GAIN,
+    Advice,
     AnchorLayout,
     BoxSet,
     Coverage,
+    LevelMove,
     Proposal,
     allow_low_quality_matches,
     analyze,
@@ -41,7 +48,11 @@ from retinanet_plugin.anchors import (  # noqa: F401
     backbone_shapes,
     box_anchor_stats,
     boxes_from_dicts,
+    coarser_level_moves,
+    config_coverage,
     coverage_tables,
+    dataset_class_names,
+    finer_level_moves,
     format_report,
     format_table,
     load_dataset_dicts,
@@ -52,7 +63,10 @@ from retinanet_plugin.anchors import (  # noqa: F401
     save_histogram,
     too_small_for_grid,
     training_short_edges,
+    verdict,
+    yaml_arguments,
 )
+from retinanet_plugin.anchors.advice import literal
 from retinanet_plugin.config import load_config
 from retinanet_plugin.data.registration import register_config_datasets
 from retinanet_plugin.lazy import (
@@ -82,6 +96,42 @@ def setup(config_file: str, opts: Sequence[str]) -> Tuple[CfgNode, Optional[Back
     cfg = yacs_keys(lazy)
     _check_anchors(cfg, lazy, backbone)
     return cfg, backbone
+
+
+def lazy_arguments(lazy: Any, changes: Dict[str, Any], strides: List[int]) -> List[str]:
+    """YAML changes as ``key=value`` words for a ``.py`` config: each key's node (the table of
+    :mod:`retinanet_plugin.lazy.yacs_keys`), plus what a lazy config states that YAML derives:
+    the anchor generator's ``strides`` when the head's levels move, and the bottom-up network's
+    ``out_features`` when the FPN takes a new stage.
+
+    Raises:
+        ValueError: a key this writer cannot place in the config (named).
+    """
+    head, owner = anchor_owner(lazy.model)
+    prefix = "model.proposal_generator" if head == "RPN" else "model"
+    places = {
+        "MODEL.ANCHOR_GENERATOR.SIZES": f"{prefix}.anchor_generator.sizes",
+        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": f"{prefix}.anchor_generator.aspect_ratios",
+        f"MODEL.{head}.IN_FEATURES": ("model.proposal_generator.in_features" if head == "RPN"
+                                      else "model.head_in_features"),
+        "MODEL.FPN.IN_FEATURES": "model.backbone.in_features",
+    }
+    words = {}
+    for key, value in changes.items():
+        if key == "MODEL.RESNETS.OUT_FEATURES":
+            continue  # the bottom-up's out_features, below
+        if key not in places:
+            raise ValueError(f"{key}: no node of a .py config is known to hold it")
+        words[places[key]] = value
+    bottom_up = lazy.model.get("backbone", {}).get("bottom_up", None)
+    if "MODEL.FPN.IN_FEATURES" in changes and bottom_up is not None \
+            and bottom_up.get("out_features") is not None:
+        fpn_in = list(changes["MODEL.FPN.IN_FEATURES"])
+        words["model.backbone.bottom_up.out_features"] = fpn_in + [
+            f for f in bottom_up.out_features if f not in fpn_in]
+    if strides and owner.anchor_generator.get("strides") is not None:
+        words[f"{prefix}.anchor_generator.strides"] = list(strides)
+    return [f"{key}={literal(value)}" for key, value in words.items()]
 
 
 def _check_anchors(cfg: CfgNode, lazy: Any, backbone: Backbone) -> None:
@@ -118,7 +168,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                         "(default: OUTPUT_DIR/anchor_analysis)")
     parser.add_argument("--search-pairs", type=int, default=20000,
                         help="box-and-size pairs the proposal search scores candidates on")
-    parser.add_argument("--no-proposal", action="store_true", help="only measure coverage")
+    parser.add_argument("--min-gain", type=float, default=DEFAULT_MIN_GAIN, metavar="POINTS",
+                        help="advise a change only if it gives at least this many more "
+                        "percentage points of boxes a foreground anchor (default %(default)g)")
+    parser.add_argument("--no-proposal", action="store_true",
+                        help="only measure coverage: try no change")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="config overrides: KEY VALUE pairs (YAML), key=value words (.py)")
     args = parser.parse_args(argv)
@@ -126,16 +180,33 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     cfg, backbone = setup(args.config_file, args.opts)
     datasets = args.dataset or list(cfg.DATASETS.TRAIN)
-    report, current, proposal = analyze(cfg, datasets, max_search_pairs=args.search_pairs,
-                                        propose=not args.no_proposal, backbone=backbone)
+    lazy = is_lazy_config(args.config_file)
+    if lazy:
+        lazy_cfg = load_lazy_config(args.config_file, args.opts)
+
+        def arguments(changes, strides):
+            return lazy_arguments(lazy_cfg, changes, strides)
+    else:
+        def arguments(changes, strides):
+            return yaml_arguments(changes)
+
+    def reload(words):
+        # The changed config as the user's command line would read it: the file, their
+        # overrides, then the advised ones.
+        return setup(args.config_file, list(args.opts) + list(words))
+
+    report, current, proposal = analyze(
+        cfg, datasets, max_search_pairs=args.search_pairs, propose=not args.no_proposal,
+        backbone=backbone, min_gain=args.min_gain, arguments=arguments, reload=reload)
     report["config_file"] = args.config_file
+    report["syntax"] = "lazy" if lazy else "yaml"
     out_dir = args.output or os.path.join(cfg.OUTPUT_DIR, "anchor_analysis")
     os.makedirs(out_dir, exist_ok=True)
     report["histogram"] = save_histogram(os.path.join(out_dir, "best_iou_histogram.png"),
                                          current, proposal, report["bg_iou_threshold"])
     with open(os.path.join(out_dir, "anchor_report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    sys.stdout.write(format_report(report) + "\n")
+    sys.stdout.write(format_report(report, report["syntax"]) + "\n")
     sys.stdout.write(f"\nWrote {out_dir}/anchor_report.json and {report['histogram']}\n")
     return report
 
