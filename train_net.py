@@ -51,6 +51,7 @@ from retinanet_plugin.engine import (
 from retinanet_plugin.engine.lazy_train import lazy_main
 from retinanet_plugin.engine.predictions_picture import (
     PREDICTIONS_PICTURE,  # noqa: F401  (the picture's name, re-exported)
+    RESULTS_FILE,
     PredictionsPicture,
     results_version,
     save_predictions_picture,
@@ -62,6 +63,7 @@ from retinanet_plugin.engine.resume import (
     resume_checkpointables,
 )
 from retinanet_plugin.evaluation import build_coco_evaluator
+from retinanet_plugin.evaluation.report import evaluation_reports, model_cost_of, report_settings
 from retinanet_plugin.lazy import is_lazy_config, load_lazy_config
 from retinanet_plugin.precision import yacs_amp_trainer
 from retinanet_plugin.test_time_augmentation import FocalRetinaNetWithTTA
@@ -106,6 +108,16 @@ class Trainer(DefaultTrainer):
         # detectron2's compiled COCOeval if built, else faster-coco-eval, else pycocotools: the
         # same AP, at very different speeds on large sets.
         return build_coco_evaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        if evaluators is not None:  # test_with_TTA's own folders: no report
+            return super().test(cfg, model, evaluators)
+        # Then each test set's report (TEST.REPORT.*) from the detections COCOEvaluator wrote.
+        targets = [(name, os.path.join(_inference_dir(cfg, name), RESULTS_FILE))
+                   for name in cfg.DATASETS.TEST]
+        with evaluation_reports(targets, report_settings(cfg), model_cost_of(cfg, model)):
+            return super().test(cfg, model)
 
     @classmethod
     def test_with_TTA(cls, cfg, model):

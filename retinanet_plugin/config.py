@@ -99,6 +99,23 @@ def add_retinanet_plugin_config(cfg: CN) -> CN:
     # Brightness, contrast and saturation each scaled by a factor in [1 - s, 1 + s]; 0 = off.
     _set_default(cfg.INPUT, "COLOR_JITTER", 0.0)
 
+    # ---- Evaluation report (retinanet_plugin.evaluation.report; a .py config:
+    # dataloader.report = dict(enabled=..., score_thresh=..., ...), the same keys in lower case) --
+    if "REPORT" not in cfg.TEST:
+        cfg.TEST.REPORT = CN()
+    # After each evaluation, write <OUTPUT_DIR>/inference/<dataset>/report/: per-class AP, PR
+    # curves, confusion matrix, the AP each error type costs, the worst images. Off by default:
+    # it re-runs COCOeval about 60 times (seconds on the demo's 16 tiles).
+    _set_default(cfg.TEST.REPORT, "ENABLED", False)
+    # The confusion matrix and the worst images count detections scoring at least SCORE_THRESH,
+    # matched to ground truth at IoU at least IOU_THRESH.
+    _set_default(cfg.TEST.REPORT, "SCORE_THRESH", 0.3)
+    _set_default(cfg.TEST.REPORT, "IOU_THRESH", 0.5)
+    # How many of the images with the most missed + false detections are drawn.
+    _set_default(cfg.TEST.REPORT, "WORST_IMAGES", 4)
+    # Include the model's parameters and FLOPs (retinanet_plugin.analysis.model_cost).
+    _set_default(cfg.TEST.REPORT, "MODEL_COST", True)
+
     _add_precision_config(cfg)
     return cfg
 

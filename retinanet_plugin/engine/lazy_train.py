@@ -40,6 +40,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import RetinaNetCheckpointer
 from ..data.registration import check_datasets
+from ..evaluation.report import evaluation_reports, model_cost_of, report_settings
 from ..lazy import dataset_config, load_lazy_config, tta_model
 from ..precision import build_step_trainer, training_dtype
 from .hooks import SkippedImagesHook, TrainingCurvesHook
@@ -121,9 +122,13 @@ def _picture(cfg: Any) -> Dict[str, Any]:
 def _run_test(cfg: Any, model: Any, folder: str) -> Dict[str, Any]:
     if "evaluator" not in cfg.dataloader or not _test_names(cfg):
         return {}  # as DATASETS.TEST () in YAML: nothing to evaluate
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), _build_evaluator(cfg, folder)
-    )
+    # Then the report (dataloader.report) of the plain evaluation's detections, one test set.
+    report = _results_file(cfg) if folder == "inference" else None
+    targets = [(_test_names(cfg)[0], report)] if report else []
+    with evaluation_reports(targets, report_settings(cfg), model_cost_of(cfg, model)):
+        results = inference_on_dataset(
+            model, instantiate(cfg.dataloader.test), _build_evaluator(cfg, folder)
+        )
     if comm.is_main_process():
         print_csv_format(results)
     return results
