@@ -52,7 +52,10 @@ from .postprocess import (
     find_candidates,
     select_detections,
 )
-from .precision import autocast_dtype, inference_autocast
+from .precision import PRECISIONS, autocast_dtype, inference_autocast
+
+# The key an error about the inference precision names (both config systems).
+_TEST_AMP_KEY = "TEST.AMP.PRECISION (model.test_amp_precision)"
 
 __all__ = ["FocalRetinaNet", "build_anchor_matcher", "check_gt_classes", "resolve_cls_loss"]
 
@@ -223,6 +226,10 @@ class FocalRetinaNet(DenseDetector):
         self.nms_class_agnostic = nms_class_agnostic
         self.box_voting_iou_thresh = box_voting_iou_thresh
         self.crowd_ioa_thresh = crowd_ioa_thresh
+        if test_amp_precision is not None and test_amp_precision not in PRECISIONS:
+            raise ValueError(
+                f"{_TEST_AMP_KEY} must be one of {PRECISIONS} or None, got {test_amp_precision!r}"
+            )
         self.test_amp_precision = test_amp_precision
         self.channels_last = channels_last
         if channels_last:
@@ -245,7 +252,7 @@ class FocalRetinaNet(DenseDetector):
         cls_loss = build_cls_loss(cfg)
         test_amp_precision = cfg.TEST.AMP.PRECISION if cfg.TEST.AMP.ENABLED else None
         if test_amp_precision is not None:
-            autocast_dtype(test_amp_precision, cfg.MODEL.DEVICE, "TEST.AMP.PRECISION")
+            autocast_dtype(test_amp_precision, cfg.MODEL.DEVICE, _TEST_AMP_KEY)
 
         backbone = build_backbone(cfg)
         feature_shapes = head_input_shapes(
@@ -306,7 +313,7 @@ class FocalRetinaNet(DenseDetector):
         """Context of the backbone and head in inference: autocast in
         ``test_amp_precision`` (does nothing when it is None). Yields the autocast dtype or
         None. Whatever runs the two itself (TTA) enters it too."""
-        return inference_autocast(self.test_amp_precision, self.device)
+        return inference_autocast(self.test_amp_precision, self.device, _TEST_AMP_KEY)
 
     def preprocess_image(self, batched_inputs: List[Dict[str, Any]]) -> ImageList:
         """:meth:`DenseDetector.preprocess_image` (normalise, pad, batch); the batch in

@@ -76,8 +76,9 @@ def autocast_dtype(precision: str, device: Union[str, torch.device], key: str) -
     return getattr(torch, precision)
 
 
-def training_dtype(enabled: bool, precision: str, device: Union[str, torch.device],
-                   key: str) -> Optional[torch.dtype]:
+def training_dtype(
+    enabled: bool, precision: str, device: Union[str, torch.device], key: str
+) -> Optional[torch.dtype]:
     """The autocast dtype of training (None: AMP off, float32), checked as
     :func:`autocast_dtype`; ``key`` names the precision key."""
     if not enabled:
@@ -86,8 +87,9 @@ def training_dtype(enabled: bool, precision: str, device: Union[str, torch.devic
 
 
 @contextlib.contextmanager
-def inference_autocast(precision: Optional[str], device: torch.device,
-                       key: str = "test_amp_precision") -> Iterator[Optional[torch.dtype]]:
+def inference_autocast(
+    precision: Optional[str], device: torch.device, key: str = "test_amp_precision"
+) -> Iterator[Optional[torch.dtype]]:
     """Autocast for the backbone and head in inference; yields its dtype (None: float32,
     ``precision`` None)."""
     if precision is None:
@@ -113,8 +115,15 @@ class AutocastTrainer(SimpleTrainer):
         device_type (str): "cpu" or "cuda", the model's device type.
     """
 
-    def __init__(self, model, data_loader, optimizer, *, precision: torch.dtype = torch.bfloat16,
-                 device_type: str = "cpu"):
+    def __init__(
+        self,
+        model,
+        data_loader,
+        optimizer,
+        *,
+        precision: torch.dtype = torch.bfloat16,
+        device_type: str = "cpu",
+    ):
         super().__init__(model, data_loader, optimizer)
         self.precision = precision
         self.device_type = device_type
@@ -142,8 +151,9 @@ class AutocastTrainer(SimpleTrainer):
         self.optimizer.step()
 
 
-def build_step_trainer(model, data_loader, optimizer, dtype: Optional[torch.dtype],
-                       device: Union[str, torch.device]) -> SimpleTrainer:
+def build_step_trainer(
+    model, data_loader, optimizer, dtype: Optional[torch.dtype], device: Union[str, torch.device]
+) -> SimpleTrainer:
     """The trainer of one step: ``SimpleTrainer`` (``dtype`` None), detectron2's
     ``AMPTrainer`` (float16), or :class:`AutocastTrainer` (bfloat16).
 
@@ -168,7 +178,9 @@ def yacs_amp_trainer(cfg: Any) -> Iterator[None]:
     for (:func:`build_step_trainer`): with ``SOLVER.AMP.ENABLED``, where it would build
     ``AMPTrainer``. Without AMP, or float16 on CUDA, nothing changes."""
     dtype = training_dtype(
-        cfg.SOLVER.AMP.ENABLED, cfg.SOLVER.AMP.PRECISION, cfg.MODEL.DEVICE,
+        cfg.SOLVER.AMP.ENABLED,
+        cfg.SOLVER.AMP.PRECISION,
+        cfg.MODEL.DEVICE,
         "SOLVER.AMP.PRECISION",
     )
     if dtype is None or dtype == torch.float16:

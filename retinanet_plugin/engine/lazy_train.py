@@ -193,6 +193,12 @@ def build_lazy_train_loader(cfg: Any) -> BatchRecorder:
 
 
 def _train(cfg: Any, args: argparse.Namespace) -> Dict[str, Any]:
+    # train.amp.precision as SOLVER.AMP.PRECISION (checked before anything is built): float16 on
+    # CUDA is detectron2's AMPTrainer, bfloat16 (the "auto" choice on CPU) AutocastTrainer.
+    amp = cfg.train.amp
+    dtype = training_dtype(
+        amp.enabled, amp.get("precision", "auto"), cfg.train.device, "train.amp.precision"
+    )
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
@@ -202,12 +208,6 @@ def _train(cfg: Any, args: argparse.Namespace) -> Dict[str, Any]:
     # Lets a CPU model be wrapped in DistributedDataParallel (--num-gpus > 1 on CPU).
     with wrap_ddp_on_cpu():
         model = create_ddp_model(model, **cfg.train.ddp)
-    # train.amp.precision as SOLVER.AMP.PRECISION: float16 on CUDA is detectron2's AMPTrainer,
-    # bfloat16 (the "auto" choice on CPU) the plugin's AutocastTrainer.
-    amp = cfg.train.amp
-    dtype = training_dtype(
-        amp.enabled, amp.get("precision", "auto"), cfg.train.device, "train.amp.precision"
-    )
     trainer = build_step_trainer(model, loader, optimizer, dtype, cfg.train.device)
     # A non-finite loss names itself, the iteration and the batch's image ids.
     guard_nonfinite_losses(trainer, loader)
