@@ -3,7 +3,7 @@
 import json
 import os
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -11,7 +11,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-__all__ = ["draw_detections", "draw_prediction_grid", "save_prediction_grid"]
+__all__ = ["draw_detections", "draw_prediction_grid", "save_prediction_grid", "tile_grid"]
 
 # BGR, as cv2 writes them.
 GROUND_TRUTH_COLOR = (0, 255, 0)
@@ -102,6 +102,12 @@ def draw_prediction_grid(
                    dataset_id_to_contiguous_id or {}, min_side)
         for record in dataset_dicts[:max_images]
     ]
+    return tile_grid(tiles, columns)
+
+
+def tile_grid(tiles: Sequence[np.ndarray], columns: int) -> np.ndarray:
+    """(H, W, 3) tiles in rows of ``columns``, each in a cell of the largest tile's size, padded
+    with black."""
     cell_h = max(t.shape[0] for t in tiles)
     cell_w = max(t.shape[1] for t in tiles)
     columns = min(columns, len(tiles))
@@ -156,19 +162,25 @@ def draw_detections(
     class_names: Sequence[str],
     *,
     score_thresh: float = 0.0,
+    labels: Optional[Sequence[str]] = None,
+    color: Optional[Tuple[int, int, int]] = None,
 ) -> np.ndarray:
     """Boxes with "class score" labels on a copy of ``image``.
 
     Line width and font scale grow with the image's size (1 px and 0.4 at 400x400, 3 px and
     0.72 at 1280x1280, 7 px and 1.18 at 4000x3000), so labels stay readable on small tiles and
     large photos alike; each class has its own colour; labels sit on a filled background above
-    the box (inside it at the top edge of the image).
+    the box (inside it at the top edge of the image), moved left where they would run past the
+    right edge.
 
     Args:
         image: (H, W, 3) uint8 BGR.
         boxes: (D, 4) XYXY pixels; scores: (D,); classes: (D,) indices into ``class_names``.
         class_names: K names.
         score_thresh: detections scoring below this are not drawn.
+        labels: (D,) texts to write instead of "class score" (e.g. ground truth's names); an
+            empty text: the box alone.
+        color: one BGR colour for every box instead of the class colours.
 
     Returns:
         ndarray: (H, W, 3) uint8 BGR.
@@ -180,20 +192,23 @@ def draw_detections(
     # non-overlapping labels more often.
     font_scale = 0.4 * (side / 400) ** 0.5
     font_thickness = 1 if font_scale < 0.8 else 2
-    for box, score, cls in zip(boxes, scores, classes):
+    for i, (box, score, cls) in enumerate(zip(boxes, scores, classes)):
         if score < score_thresh:
             continue
-        color = _CLASS_COLORS[int(cls) % len(_CLASS_COLORS)]
+        box_color = color or _CLASS_COLORS[int(cls) % len(_CLASS_COLORS)]
         x0, y0, x1, y1 = (int(round(float(v))) for v in box)
-        cv2.rectangle(out, (x0, y0), (x1, y1), color, thickness)
-        label = f"{class_names[int(cls)]} {float(score):.2f}"
+        cv2.rectangle(out, (x0, y0), (x1, y1), box_color, thickness)
+        label = labels[i] if labels is not None else f"{class_names[int(cls)]} {float(score):.2f}"
+        if not label:
+            continue
         (tw, th), baseline = cv2.getTextSize(
             label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, font_thickness
         )
         top = y0 - th - baseline if y0 - th - baseline >= 0 else y0
-        cv2.rectangle(out, (x0, top), (x0 + tw, top + th + baseline), color, cv2.FILLED)
+        left = max(0, min(x0, out.shape[1] - tw))  # the whole label inside the image
+        cv2.rectangle(out, (left, top), (left + tw, top + th + baseline), box_color, cv2.FILLED)
         cv2.putText(
-            out, label, (x0, top + th), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255),
+            out, label, (left, top + th), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255),
             font_thickness, cv2.LINE_AA,
         )
     return out
