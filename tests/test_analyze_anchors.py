@@ -604,6 +604,12 @@ def test_verdict_names_the_finer_level_keys_and_they_merge(tmp_path, capsys):
     assert list(advised["changes"]) == ["MODEL.FPN.IN_FEATURES", "MODEL.RETINANET.IN_FEATURES",
                                         "MODEL.ANCHOR_GENERATOR.SIZES"]
     assert advised["foreground_pct"] == 100.0 and advised["gain_points"] == 100.0
+    # The price, printed with it: 400x400 padded to 416 (MobileNetV2-FPN pads to 32), 9 anchors
+    # a position. P3-P7: 52^2 + 26^2 + 13^2 + 7^2 + 4^2 = 3614 positions, 32526 anchors; P2-P6:
+    # 104^2 + 52^2 + 26^2 + 13^2 + 7^2 = 14414 positions, 129726 anchors.
+    assert report["anchors_per_image"] == {"image_hw": [400, 400], "count": 32526}
+    assert advised["anchors_per_image"] == 129726
+    assert "anchors per 400x400 image 32,526 -> 129,726: ADVISED" in printed
     assert printed.splitlines()[0] == report["verdict"] == (
         "change the config: one level finer (p2-p6), anchor sizes x 0.5 gives 0.00% -> 100.00% "
         "of boxes with a foreground anchor (+100.00 points >= --min-gain 1); keys: "

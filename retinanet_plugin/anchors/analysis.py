@@ -15,10 +15,12 @@ from .boxes import (
     boxes_from_dicts,
     dataset_class_names,
     load_dataset_dicts,
+    resize_boxes,
     training_short_edges,
 )
 from .coverage import Coverage, coverage_tables, measure_coverage, too_small_for_grid
 from .layout import (
+    AnchorLayout,
     anchor_head_key,
     anchor_head_node,
     anchor_layout,
@@ -51,17 +53,29 @@ def config_coverage(cfg: CfgNode, box_set: BoxSet, backbone: Optional[Backbone] 
                     ) -> Coverage:
     """The coverage of ``box_set`` by ``cfg``'s anchors at ``cfg``'s training sizes: the
     analysis's own measurement of a config (the changed configs' included)."""
+    return _layout_and_coverage(cfg, box_set, backbone)[1]
+
+
+def _layout_and_coverage(cfg: CfgNode, box_set: BoxSet, backbone: Optional[Backbone] = None,
+                         ) -> Tuple[AnchorLayout, Coverage]:
     shapes, divisibility, square = backbone_shapes(cfg, backbone)
     layout = anchor_layout(cfg, shapes, divisibility, square)
-    return measure_coverage(box_set, cfg, layout, training_short_edges(cfg))
+    return layout, measure_coverage(box_set, cfg, layout, training_short_edges(cfg))
 
 
-def _measure(advice: Advice, reload: Reload, box_set: BoxSet) -> Advice:
+def _anchor_count(layout: AnchorLayout, hw: Tuple[int, int]) -> int:
+    """Anchors the head scores on one image of size ``hw`` (its cost grows with them)."""
+    return int(sum(gh * gw * len(cells) for (gh, gw), cells
+                   in zip(layout.grid_sizes(*hw), layout.cell_anchors)))
+
+
+def _measure(advice: Advice, reload: Reload, box_set: BoxSet, hw: Tuple[int, int]) -> Advice:
     """Loads the config with the advice's words and measures it; a config the change does not
     build (a backbone the keys were not derived right for) is reported, not raised."""
     try:
         cfg, backbone = reload(advice.arguments)
-        advice.coverage = config_coverage(cfg, box_set, backbone)
+        layout, advice.coverage = _layout_and_coverage(cfg, box_set, backbone)
+        advice.extra["anchors_per_image"] = _anchor_count(layout, hw)
     except (ValueError, KeyError, AssertionError, TypeError) as e:
         advice.error = f"{type(e).__name__}: {e}"
     return advice
@@ -115,6 +129,9 @@ def analyze(cfg: CfgNode, datasets: Sequence[str], *, max_search_pairs: int = 20
     layout = anchor_layout(cfg, shapes, divisibility, square)
     current = measure_coverage(box_set, cfg, layout, short_edges)
     levels = list(anchor_head_node(cfg).IN_FEATURES)
+    first = BoxSet(box_set.boxes[:1], box_set.image_hw[:1], 1)
+    _, first_hw = resize_boxes(first, max(short_edges), cfg.INPUT.MAX_SIZE_TRAIN)
+    hw = (int(first_hw[0, 0]), int(first_hw[0, 1]))
     sizes = [list(map(float, s)) for s in cfg.MODEL.ANCHOR_GENERATOR.SIZES]
     report: Dict[str, Any] = {
         "datasets": list(datasets),
@@ -138,6 +155,8 @@ def analyze(cfg: CfgNode, datasets: Sequence[str], *, max_search_pairs: int = 20
         },
         "coverage": coverage_tables(current, levels, class_names),
         "too_small_for_grid": too_small_for_grid(current, min(layout.strides)),
+        # The head's anchors on the dataset's first image at the largest training size.
+        "anchors_per_image": {"image_hw": list(hw), "count": _anchor_count(layout, hw)},
         "min_gain": float(min_gain),
     }
     arguments = arguments or (lambda changes, strides: yaml_arguments(changes))
@@ -180,7 +199,7 @@ def analyze(cfg: CfgNode, datasets: Sequence[str], *, max_search_pairs: int = 20
             advice += [Advice(kind, m.title, m.changes, arguments(m.changes, m.strides))
                        for m in found]
         for a in advice:
-            _measure(a, reload, box_set)
+            _measure(a, reload, box_set, hw)
     report["advice"] = [_advice_entry(a, current, min_gain, levels, class_names) for a in advice]
     report["not_tried"] = not_tried
     if propose:
@@ -206,6 +225,7 @@ def _advice_entry(a: Advice, baseline: Coverage, min_gain: float, levels: Sequen
         "gain_points": round(gain, 2),
         "helps": gain >= min_gain - 1e-9,
         "mean_best_iou": round(float(a.coverage.best_iou.mean()), 4),
+        "anchors_per_image": a.extra["anchors_per_image"],
         # The changed config's levels: its head's IN_FEATURES when the change sets them.
         "coverage": coverage_tables(a.coverage, next(
             (v for k, v in a.changes.items() if k.endswith(".IN_FEATURES")

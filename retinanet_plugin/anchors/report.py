@@ -79,6 +79,7 @@ def _format_advice(report: Dict[str, Any], syntax: str) -> list:
     before = report["coverage"]["summary"]["foreground_pct"]
     margin = report["min_gain"]
     entries = report["advice"]
+    (h, w), count = report["anchors_per_image"]["image_hw"], report["anchors_per_image"]["count"]
     out = textwrap.wrap(
         "Changes tried, each measured by re-running the analysis on the changed config "
         f"(advised when it gives >= {margin:g} more percentage points of boxes a foreground "
@@ -94,7 +95,8 @@ def _format_advice(report: Dict[str, Any], syntax: str) -> list:
         out.append(f"- {e['title']}: {before:.2f}% -> {e['foreground_pct']:.2f}% "
                    f"({e['gain_points']:+.2f} points), median best IoU "
                    f"{report['coverage']['summary']['median_best_iou']:.3f} -> "
-                   f"{e['coverage']['summary']['median_best_iou']:.3f}: {status}")
+                   f"{e['coverage']['summary']['median_best_iou']:.3f}, anchors per "
+                   f"{h}x{w} image {count:,} -> {e['anchors_per_image']:,}: {status}")
         if e["helps"]:
             where = ("after train_net.py --config-file CONFIG (or set in the YAML file)"
                      if syntax == "yaml" else "after train_net.py --config-file CONFIG.py")
