@@ -258,11 +258,20 @@ def _text_size(text: str, scale: float, thickness: int) -> Tuple[int, int, int]:
 
 
 def _wrap(text: str, width: int, scale: float) -> List[str]:
-    """``text`` broken at spaces into lines of at most ``width`` pixels (a longer word keeps a
-    line of its own); continuation lines are indented."""
+    """``text`` broken at spaces into lines of at most ``width`` pixels (a longer word, e.g. a
+    file name, is cut between characters); continuation lines are indented."""
     lines: List[str] = []
     line = ""
+    words: List[str] = []
     for word in text.split(" "):
+        while len(word) > 1 and _text_size("    " + word, scale, 1)[0] > width:
+            cut = len(word) - 1
+            while cut > 1 and _text_size("    " + word[:cut], scale, 1)[0] > width:
+                cut -= 1
+            words.append(word[:cut])
+            word = word[cut:]
+        words.append(word)
+    for word in words:
         candidate = f"{line} {word}" if line else word
         if line and _text_size(candidate, scale, 1)[0] > width:
             lines.append(line)
@@ -350,9 +359,11 @@ def draw_sample(
     counts = np.bincount(sample.classes[plain], minlength=len(names))
     for k, n in enumerate(counts):
         if n:
-            lines.append((f"{names[k]}: {n} boxes", _CLASS_COLORS[k % len(_CLASS_COLORS)]))
+            lines.append((f"{names[k]}: {n} box{'es' if n > 1 else ''}",
+                          _CLASS_COLORS[k % len(_CLASS_COLORS)]))
     if crowd.any():
-        lines.append((f"crowd region, ignored in training: {int(crowd.sum())}", CROWD_COLOR))
+        lines.append((f"crowd regions, ignored in training (MODEL.RETINANET.CROWD_IGNORE): "
+                      f"{int(crowd.sum())}", CROWD_COLOR))
     if sample.dropped_crowd:
         lines.append((f"{sample.dropped_crowd} crowd regions dropped by the mapper "
                       "(MODEL.RETINANET.CROWD_IGNORE off)", None))
