@@ -142,6 +142,11 @@ def test_confusion_matrix_counts_and_worst_images():
     per_image = {im.image_id: (im.missed, im.false) for im in result.images}
     # Image 1: c missed and b confused (missed as class 2, false as class 1) + the false one.
     assert per_image == {1: (2, 2), 2: (0, 0), 3: (0, 1), 4: (0, 0)}
+    # The boxes the worst-image pictures mark: image 1's missed c and confused b, its false
+    # detections (the class-1 one on b, the class-2 one on nothing).
+    first = result.images[0]
+    assert sorted(first.missed_boxes) == sorted([b, c])
+    assert sorted(first.false_boxes) == sorted([b, (500, 400, 50, 50)])
     assert [im.image_id for im in worst_images(result, 5)] == [1, 3]
     # The IoU threshold is honoured: at 0.97 image 2's detection (IoU 0.96) no longer matches.
     strict = confusion_matrix(gt, dets, score_thresh=0.3, iou_thresh=0.97)

@@ -23,7 +23,7 @@ class (column d off the diagonal), so a confusion counts once in each; the worst
 with the most missed + false.
 """
 
-from typing import Dict, List, NamedTuple, Sequence
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -39,6 +39,9 @@ class ImageErrors(NamedTuple):
     false: int
     num_gt: int
     num_dets: int  # detections at or above the score threshold, crowd matches excluded
+    # XYWH boxes of the missed ground truth and of the false detections, to mark them.
+    missed_boxes: Tuple[Tuple[float, ...], ...] = ()
+    false_boxes: Tuple[Tuple[float, ...], ...] = ()
 
     @property
     def errors(self) -> int:
@@ -91,17 +94,23 @@ def confusion_matrix(
     for image_id in sorted(gt.getImgIds()):
         m = np.zeros_like(matrix)
         e = by_image.get(image_id)
+        missed, false = [], []
         if e is not None:
             gt_class = {g: index[gt.anns[g]["category_id"]] for g in e["gtIds"]}
             for g, matched, ignored in zip(e["gtIds"], e["gtMatches"][0], e["gtIgnore"]):
                 if not ignored and matched == 0:
                     m[gt_class[g], bg] += 1
+                    missed.append(tuple(gt.anns[g]["bbox"]))
             for d, matched, ignored in zip(e["dtIds"], e["dtMatches"][0], e["dtIgnore"][0]):
                 if ignored:
                     continue
                 d_class = index[dt.anns[d]["category_id"]]
                 row = gt_class[int(matched)] if matched > 0 else bg
                 m[row, d_class] += 1
+                if row != d_class:  # on the background, or on a box of another class
+                    false.append(tuple(dt.anns[d]["bbox"]))
+                    if row != bg:
+                        missed.append(tuple(gt.anns[int(matched)]["bbox"]))
         matrix += m
         diagonal = np.trace(m[:bg, :bg])
         images.append(ImageErrors(
@@ -110,6 +119,8 @@ def confusion_matrix(
             false=int(m[:, :bg].sum() - diagonal),
             num_gt=int(m[:bg].sum()),
             num_dets=int(m[:, :bg].sum()),
+            missed_boxes=tuple(missed),
+            false_boxes=tuple(false),
         ))  # fmt: skip
     names = [gt.cats[c]["name"] for c in cat_ids]
     return ConfusionResult(matrix, cat_ids, names, float(score_thresh), float(iou_thresh), images)

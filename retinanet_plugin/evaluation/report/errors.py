@@ -151,14 +151,15 @@ def classify_errors(
                 kind, target = _error_type(ious[row], same, thresh, background_iou)
                 errors[t].append(_Error(det_id, float(score), kind,
                                         None if target is None else gt_ids[target]))
+    images, cats = set(E.params.imgIds), set(E.params.catIds)
+    boxes = [a["id"] for a in gt.dataset["annotations"]
+             if a["image_id"] in images and a["category_id"] in cats
+             and not (a.get("iscrowd") or a.get("ignore"))]
     out = {}
     for t, thresh in enumerate(thresholds):
         found = sorted(errors[t], key=lambda err: -err.score)
         aimed = {err.gt_id for err in found if err.kind in ("classification", "localisation")}
-        missed = [a["id"] for a in gt.dataset["annotations"]
-                  if a["image_id"] in E.params.imgIds and a["category_id"] in E.params.catIds
-                  and not (a.get("iscrowd") or a.get("ignore"))
-                  and a["id"] not in matched_gt[t] and a["id"] not in aimed]
+        missed = [g for g in boxes if g not in matched_gt[t] and g not in aimed]
         out[thresh] = (found, missed)
     return out
 

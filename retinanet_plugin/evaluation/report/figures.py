@@ -3,7 +3,7 @@
 :func:`retinanet_plugin.visualize.draw_prediction_grid`)."""
 
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -156,7 +156,8 @@ def draw_worst_image(
     dataset_id_to_contiguous_id: Dict[int, int],
 ) -> np.ndarray:
     """One image drawn as the detections picture draws it (ground truth thin green, detections
-    in class colours with "class score" labels), with a band below stating its errors, the
+    in class colours with "class score" labels), its errors marked (missed ground truth yellow,
+    a white line inside false detections), with a band below stating its errors, the
     thresholds and the colours.
 
     Returns:
@@ -167,6 +168,8 @@ def draw_worst_image(
         [record], own, score_thresh=score_thresh, max_images=1, columns=1,
         class_names=class_names, dataset_id_to_contiguous_id=dataset_id_to_contiguous_id,
     )
+    height = record.get("height") or cv2.imread(record["file_name"]).shape[0]
+    _mark_errors(tile, tile.shape[0] / height, errors)
     kept = sum(r["score"] >= score_thresh for r in own)
     lines = [
         f"#{rank}  image id {record['image_id']}: {errors.missed} missed, {errors.false} false "
@@ -178,19 +181,49 @@ def draw_worst_image(
     return _with_legend(tile, lines)
 
 
+# BGR: missed ground truth over the thin green of all ground truth; false detections get a
+# white line inside their class-coloured box.
+MISSED_COLOR = (0, 255, 255)
+FALSE_MARK_COLOR = (255, 255, 255)
+
+
+def _xyxy(box: Sequence[float], scale: float) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    x, y, w, h = (float(v) * scale for v in box)
+    return (int(round(x)), int(round(y))), (int(round(x + w)), int(round(y + h)))
+
+
+def _mark_errors(tile: np.ndarray, scale: float, errors: ImageErrors) -> None:
+    """Missed ground truth in yellow, a white inner line in false detections (in place)."""
+    for box in errors.missed_boxes:
+        cv2.rectangle(tile, *_xyxy(box, scale), MISSED_COLOR, 2)
+    for box in errors.false_boxes:
+        (x0, y0), (x1, y1) = _xyxy(box, scale)
+        if x1 - x0 > 8 and y1 - y0 > 8:
+            cv2.rectangle(tile, (x0 + 3, y0 + 3), (x1 - 3, y1 - 3), FALSE_MARK_COLOR, 1)
+
+
 def _with_legend(tile: np.ndarray, lines: List[str]) -> np.ndarray:
     """``tile`` above a white band holding ``lines`` and the colour legend."""
-    font, scale, thick = cv2.FONT_HERSHEY_SIMPLEX, 0.6, 1
-    line_h = 26
-    band = np.full((line_h * (len(lines) + 1) + 12, tile.shape[1], 3), 255, dtype=np.uint8)
+    font, scale, thick = cv2.FONT_HERSHEY_SIMPLEX, 0.55, 1
+    line_h = 24
+    legend = (
+        (GROUND_TRUTH_COLOR, None, "ground truth (thin)"),
+        (MISSED_COLOR, None, "missed ground truth"),
+        ((0, 0, 255), None, "detection 'class score' (colour per class)"),
+        ((0, 0, 255), FALSE_MARK_COLOR, "false detection (white inner line)"),
+    )
+    rows = len(lines) + (len(legend) + 1) // 2
+    band = np.full((line_h * rows + 12, tile.shape[1], 3), 255, dtype=np.uint8)
     for i, text in enumerate(lines):
         cv2.putText(band, text, (8, line_h * (i + 1)), font, scale, (0, 0, 0), thick, cv2.LINE_AA)
-    y = line_h * (len(lines) + 1)
-    cv2.rectangle(band, (8, y - 14), (40, y + 2), GROUND_TRUTH_COLOR, 2)
-    cv2.putText(band, "ground truth", (48, y), font, scale, (0, 0, 0), thick, cv2.LINE_AA)
-    cv2.rectangle(band, (200, y - 14), (232, y + 2), (0, 0, 255), 2)
-    cv2.putText(band, "detection, labelled 'class score' (a colour per class)", (240, y), font,
-                scale, (0, 0, 0), thick, cv2.LINE_AA)
+    half = tile.shape[1] // 2
+    for i, (color, inner, text) in enumerate(legend):
+        x, y = 8 + (i % 2) * half, line_h * (len(lines) + 1 + i // 2)
+        cv2.rectangle(band, (x, y - 14), (x + 32, y + 2), color, 2)
+        if inner is not None:
+            cv2.rectangle(band, (x + 4, y - 10), (x + 28, y - 2), inner, 1)
+            cv2.rectangle(band, (x + 3, y - 11), (x + 29, y - 1), (128, 128, 128), 1)
+        cv2.putText(band, text, (x + 40, y), font, scale, (0, 0, 0), thick, cv2.LINE_AA)
     return np.concatenate([tile, band], axis=0)
 
 

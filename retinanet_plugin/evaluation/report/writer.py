@@ -196,7 +196,10 @@ def write_report(
             "counts": {t: {f"{k:.2f}": v for k, v in breakdown.counts[t].items()}
                        for t in ERROR_TYPES},
         },
-        "worst_images": [dict(w._asdict(), file=f) for w, f in zip(worst, worst_files)],
+        "worst_images": [
+            {"image_id": w.image_id, "missed": w.missed, "false": w.false, "gt": w.num_gt,
+             "detections": w.num_dets, "file": f} for w, f in zip(worst, worst_files)
+        ],
         "model_cost": model_cost if isinstance(model_cost, (dict, str)) else None,
         "files": files,
     }
