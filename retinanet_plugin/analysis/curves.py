@@ -160,6 +160,8 @@ def _series(records: Sequence[Record], key: str) -> Tuple[List[int], List[float]
 
 
 _STYLES = ("-", "--", ":", "-.")
+# AP, AP50, AP75: one evaluation is one point, told apart by its marker.
+_MARKERS = ("o", "s", "^", "D")
 
 
 def plot_training_curves(
@@ -175,6 +177,12 @@ def plot_training_curves(
     fig.savefig(tmp, dpi=100)
     os.replace(tmp, path)  # a viewer never sees half a picture
     return path
+
+
+def _marker(is_ap: bool, index: int, points: int) -> Optional[str]:
+    if is_ap:
+        return _MARKERS[index % len(_MARKERS)]
+    return "o" if points <= 2 else None
 
 
 def curves_figure(
@@ -206,23 +214,27 @@ def curves_figure(
     fig = Figure(figsize=(16, 4.8))
     # One iteration axis for the three: an AP point sits under the losses it followed.
     ax_loss, ax_lr, ax_ap = fig.subplots(1, 3, sharex=True)
+    # Several runs: a colour per run, a line style per key, so the keys' style is shared.
+    all_losses = loss_keys([r for _, records in runs for r in records])
+    all_aps = ap_keys([r for _, records in runs for r in records])
     for i, (label, records) in enumerate(runs):
         run_color = colors[i % len(colors)]
-        for j, key in enumerate(loss_keys(records)):
-            xs, ys = _series(records, key)
-            ax_loss.plot(xs, ys, _STYLES[j % len(_STYLES)] if several else "-",
-                         color=run_color if several else colors[j % len(colors)],
-                         label=f"{label}: {key}" if several else key, linewidth=1.3)
+        for keys, ax in ((all_losses, ax_loss), (all_aps, ax_ap)):
+            for j, key in enumerate(keys):
+                xs, ys = _series(records, key)
+                if not xs:
+                    continue
+                color = run_color if several else colors[j % len(colors)]
+                # A series of one or two points (an evaluation, a short run) shows as markers.
+                ax.plot(xs, ys, _STYLES[j % len(_STYLES)] if several else "-", color=color,
+                        label=f"{label}: {key}" if several else key, linewidth=1.3,
+                        marker=_marker(ax is ax_ap, j, len(xs)), markersize=5)
+                if ax is ax_ap and key.endswith("/AP"):  # the last AP beside its point
+                    ax.annotate(f"{ys[-1]:.1f}", (xs[-1], ys[-1]), textcoords="offset points",
+                                xytext=(-6, 5), ha="right", fontsize=8, color=color)
         xs, ys = _series(records, "lr")
-        ax_lr.plot(xs, ys, color=run_color, label=label, linewidth=1.3)
-        for j, key in enumerate(ap_keys(records)):
-            xs, ys = _series(records, key)
-            color = run_color if several else colors[j % len(colors)]
-            ax_ap.plot(xs, ys, (_STYLES[j % len(_STYLES)] if several else "-"), marker="o",
-                       color=color, label=f"{label}: {key}" if several else key, linewidth=1.3)
-            if xs:  # the last value written beside its point
-                ax_ap.annotate(f"{ys[-1]:.1f}", (xs[-1], ys[-1]), textcoords="offset points",
-                               xytext=(-6, 5), ha="right", fontsize=8, color=color)
+        ax_lr.plot(xs, ys, color=run_color, label=label, linewidth=1.3,
+                   marker="o" if len(xs) <= 2 else None, markersize=4)
     ax_loss.set_title(f"Training losses (median of {LOSS_WINDOW} iterations)")
     ax_loss.set_ylabel("loss (unitless)")
     ax_loss.set_ylim(bottom=0)
@@ -233,14 +245,26 @@ def curves_figure(
     ax_ap.set_title("COCO AP" + (f" on {test_set}" if test_set else "")
                     + " (AP: IoU 0.5:0.95)")
     ax_ap.set_ylabel("AP (%)")
-    if not any(ap_keys(records) for _, records in runs):
+    if not all_aps:
         ax_ap.text(0.5, 0.5, "no evaluation logged yet", ha="center", va="center",
                    transform=ax_ap.transAxes, color="gray")
     for ax in (ax_loss, ax_lr, ax_ap):
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0] and (several or ax is not ax_lr):
-            ax.legend(fontsize=8, loc="best")
+    if several:
+        from matplotlib.lines import Line2D
+
+        # Runs by colour (learning-rate panel), keys by line style (the other two).
+        ax_lr.legend(fontsize=8, loc="best", title="run", title_fontsize=8)
+        for keys, ax in ((all_losses, ax_loss), (all_aps, ax_ap)):
+            if keys:
+                ax.legend([Line2D([], [], linestyle=_STYLES[j % len(_STYLES)], color="black",
+                                  marker=_marker(ax is ax_ap, j, 3))
+                           for j in range(len(keys))], keys, fontsize=8, loc="best")
+    else:
+        for ax in (ax_loss, ax_ap):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8, loc="best")
     if title is None:
         title = runs[0][0] if not several else f"{len(runs)} runs"
     fig.suptitle(f"Training curves: {title}")
