@@ -102,8 +102,9 @@ def test_tool_prints_and_writes_json(tiny_cfg, tiny_cost, tmp_path, capsys):
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(tiny_cfg.dump())
     out = tmp_path / "cost.json"
-    cost = model_cost_tool.main(["--config-file", str(config_file), "--image-size", "32", "48",
-                                 "--json", str(out), "MODEL.RETINANET.NUM_CLASSES", "2"])
+    # Flags may follow the overrides, as in train_net.py.
+    cost = model_cost_tool.main(["--config-file", str(config_file), "MODEL.RETINANET.NUM_CLASSES",
+                                 "2", "--image-size", "32", "48", "--json", str(out)])
     assert cost["flops"]["total"] == tiny_cost["flops"]["total"]
     assert json.loads(out.read_text())["params"]["total"] == tiny_cost["params"]["total"]
     assert "| head | head | 12,470 | 12,470 |" in capsys.readouterr().out

@@ -295,6 +295,8 @@ def format_model_cost(cost: Dict[str, Any], title: str = "") -> str:
     names = list(OrderedDict.fromkeys(list(params["parts"]) + list(flops["parts"])))
     for name in names:
         p = params["parts"].get(name, {"module": "", "params": 0, "trainable": 0})
+        if not p["params"] and not flops["parts"].get(name):
+            continue  # e.g. the anchor generator, the loss: nothing to count
         module = p["module"] or dict(_NAMES_OF_PARTS).get(name, "")
         if name == "fpn":
             module = "backbone without bottom_up"

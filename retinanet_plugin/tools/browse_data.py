@@ -22,15 +22,18 @@ import os
 from typing import List, Optional, Sequence
 
 from ..analysis.browse import browse_samples, save_browse
+from ..engine.cli import ArgumentParser
 from .model_setup import load_cfg
 
 __all__ = ["main", "parse_args"]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", required=True, metavar="FILE",
-                        help="YAML or Python (.py) config")
+    # Flags may also follow the config overrides, as in train_net.py.
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    # Not required=True: the flags found among the overrides are parsed again on their own.
+    parser.add_argument("--config-file", default=None, metavar="FILE",
+                        help="YAML or Python (.py) config (required)")
     parser.add_argument("--source", choices=("mapper", "dataset"), default="mapper",
                         help="after the training mapper (default) or the dataset dicts as "
                              "registered")
@@ -50,6 +53,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="config overrides: KEY VALUE pairs (YAML) or key=value (.py)")
     args = parser.parse_args(argv)
+    if args.config_file is None:
+        parser.error("--config-file is required")
     for flag, value in (("--num-images", args.num_images), ("--columns", args.columns)):
         if value <= 0:
             parser.error(f"{flag} must be > 0, got {value}")

@@ -20,6 +20,7 @@ import sys
 from typing import Any, Dict, Optional, Sequence
 
 from ..analysis.cost import format_model_cost, model_cost
+from ..engine.cli import ArgumentParser
 from .model_setup import load_cfg
 
 __all__ = ["main", "parse_args"]
@@ -28,9 +29,11 @@ logger = logging.getLogger("retinanet_plugin.tools.model_cost")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", required=True, metavar="FILE",
-                        help="YAML or Python (.py) config")
+    # Flags may also follow the config overrides, as in train_net.py.
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    # Not required=True: the flags found among the overrides are parsed again on their own.
+    parser.add_argument("--config-file", default=None, metavar="FILE",
+                        help="YAML or Python (.py) config (required)")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="image size before the test resize (default: a square of "
                              "INPUT.MIN_SIZE_TEST)")
@@ -41,7 +44,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="also write the numbers to this JSON file")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="config overrides: KEY VALUE pairs (YAML) or key=value (.py)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.config_file is None:
+        parser.error("--config-file is required")
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -31,6 +31,7 @@ from ..analysis.curves import (
     run_labels,
     write_results_csv,
 )
+from ..engine.cli import ArgumentParser
 from .model_setup import dataset_view, load_cfg
 
 __all__ = ["main", "parse_args"]
@@ -39,7 +40,8 @@ logger = logging.getLogger("retinanet_plugin.tools.training_curves")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # Flags may also follow the config overrides, as in train_net.py.
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", default=None, metavar="FILE",
                         help="YAML or Python (.py) config whose output folder holds the run")
     parser.add_argument("--runs", nargs="+", default=None, metavar="DIR",
