@@ -675,3 +675,33 @@ def test_per_class_coverage_counts(tmp_path, capsys):
     assert re.search(r"^tiny +10 +0\.00 +100\.00 +0\.00 +0\.062 ", printed, re.M)
     assert report["verdict"] == ("75.00% of boxes have a foreground anchor (--no-proposal: no "
                                  "change tried)")
+
+
+def test_verdict_prefers_the_cheaper_change_unless_a_costlier_gains_the_margin_more():
+    """200 boxes, none covered. A change covering 10 of them gains 100 * 10 / 200 = 5 points;
+    one covering 11, 5.5 points; 12, 6 points. With --min-gain 1: the cheap change (30k anchors
+    per image) beats a costlier one (120k) gaining 5.5 (< 5 + 1), not one gaining 6 (>= 5 + 1);
+    equal costs go to the larger gain. With none over the margin, the line says why."""
+
+    def cov(covered):
+        n = np.zeros(200, dtype=np.int64)
+        n[:covered] = 3
+        ones = np.ones(200)
+        return aa.Coverage(ones, ones, ones * 0.3, n, n * 0, ones, n, 0.5, True)
+
+    def advice(title, covered, anchors):
+        return aa.Advice("x", title, {}, [], coverage=cov(covered),
+                         extra={"anchors_per_image": anchors})
+
+    cheap, close, far = (advice("cheap", 10, 30000), advice("close", 11, 120000),
+                         advice("far", 12, 120000))
+    assert aa.verdict(cov(0), [close, cheap], 1.0)["advised"] == 1
+    assert aa.verdict(cov(0), [close, cheap, far], 1.0)["advised"] == 2
+    assert aa.verdict(cov(0), [close, far], 1.0)["advised"] == 1
+    # Under the margin: "anchors fit" only when fewer boxes than the margin lack an anchor.
+    assert aa.verdict(cov(0), [cheap], 6.0)["line"] == (
+        "no change advised: 0.00% of boxes have a foreground anchor, but the best of 1 changes "
+        "tried gains +5.00 points, under --min-gain 6")
+    assert aa.verdict(cov(199), [], 1.0)["line"] == (
+        "anchors fit: 99.50% of boxes have a foreground anchor; no change needed (no change "
+        "found to try; --min-gain 1)")

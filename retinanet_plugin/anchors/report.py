@@ -81,9 +81,10 @@ def _format_advice(report: Dict[str, Any], syntax: str) -> list:
     entries = report["advice"]
     (h, w), count = report["anchors_per_image"]["image_hw"], report["anchors_per_image"]["count"]
     out = textwrap.wrap(
-        "Changes tried, each measured by re-running the analysis on the changed config "
-        f"(advised when it gives >= {margin:g} more percentage points of boxes a foreground "
-        "anchor, --min-gain):", width=96)
+        "Changes tried, each measured by re-running the analysis on the changed config. A "
+        f"change helps when it gives >= {margin:g} more percentage points of boxes a foreground "
+        "anchor (--min-gain); the cheapest that helps (fewest anchors per image) is advised, "
+        f"unless a costlier one gains >= {margin:g} points more:", width=96)
     order = sorted(range(len(entries)), key=lambda i: i != report.get("advised"))
     for i in order:
         e = entries[i]
