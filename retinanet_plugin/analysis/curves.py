@@ -230,7 +230,8 @@ def curves_figure(
                         label=f"{label}: {key}" if several else key, linewidth=1.3,
                         marker=_marker(ax is ax_ap, j, len(xs)), markersize=5)
                 if ax is ax_ap and key.endswith("/AP"):  # the last AP beside its point
-                    ax.annotate(f"{ys[-1]:.1f}", (xs[-1], ys[-1]), textcoords="offset points",
+                    text = f"{ys[-1]:.1f}" if ys[-1] >= 10 else f"{ys[-1]:.2f}"
+                    ax.annotate(text, (xs[-1], ys[-1]), textcoords="offset points",
                                 xytext=(-6, 5), ha="right", fontsize=8, color=color)
         xs, ys = _series(records, "lr")
         ax_lr.plot(xs, ys, color=run_color, label=label, linewidth=1.3,
