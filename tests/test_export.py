@@ -94,7 +94,7 @@ def test_onnx_cli_exports_a_graph_onnxruntime_runs_like_eager(detector, tmp_path
     with caplog.at_level(logging.INFO, logger="retinanet_plugin"):
         rc = export_tool.main(
             ["--config-file", config_file, "--weights", weights, "--format", "onnx",
-             "--output", output]
+             "--output", output, "--input", "resized"]
         )
     assert rc == 0, caplog.text
     assert "max box difference" in caplog.text

@@ -15,6 +15,14 @@ from .exporter import (
 )
 from .graph import ExportableRetinaNet
 from .metadata import METADATA_KEY, MetadataError, read_metadata
+from .raw_export import (
+    check_raw_parity,
+    eager_raw_detections,
+    export_raw_model,
+    load_raw_exported,
+    unpad,
+)
+from .raw_graph import RawImageRetinaNet, RawInputSpec, raw_input_spec
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -23,12 +31,20 @@ __all__ = [
     "METADATA_KEY",
     "MetadataError",
     "ParityReport",
+    "RawImageRetinaNet",
+    "RawInputSpec",
     "UnsupportedKeyError",
     "check_parity",
+    "check_raw_parity",
+    "eager_raw_detections",
     "eager_detections",
     "export_model",
+    "export_raw_model",
     "exported_instances",
     "load_exported",
+    "load_raw_exported",
     "match_detections",
+    "raw_input_spec",
     "read_metadata",
+    "unpad",
 ]

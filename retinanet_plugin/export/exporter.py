@@ -16,12 +16,14 @@ from detectron2.structures import Boxes, Instances
 
 from ..meta_arch import FocalRetinaNet
 from .graph import ExportableRetinaNet
+from .metadata import torchscript_extra_files, write_onnx_metadata
 
 __all__ = [
     "EXPORT_FORMATS",
     "ExportError",
     "ParityReport",
     "check_parity",
+    "compare_detections",
     "eager_detections",
     "export_model",
     "exported_instances",
@@ -61,7 +63,11 @@ def _describe(model: FocalRetinaNet) -> str:
 
 
 def export_model(
-    model: FocalRetinaNet, sample_image: Tensor, path: str, export_format: str
+    model: FocalRetinaNet,
+    sample_image: Tensor,
+    path: str,
+    export_format: str,
+    metadata: Optional[Dict[str, Any]] = None,
 ) -> ExportableRetinaNet:
     """Trace ``model``'s whole inference on ``sample_image`` and write it to ``path``.
 
@@ -77,6 +83,8 @@ def export_model(
         path (str): output file (``.onnx`` / ``.ts`` or ``.pt`` by convention); its folder is
             created if missing. The file appears only once complete.
         export_format (str): "onnx" or "torchscript".
+        metadata (dict, optional): stored in the file (:mod:`.metadata`, input layout
+            "CHW_resized").
 
     Returns:
         ExportableRetinaNet: the traced module (sharing ``model``'s weights).
@@ -97,7 +105,7 @@ def export_model(
     sample_image = sample_image.to(model.device)
     partial = _partial_file(path)
     try:
-        _trace(wrapper, sample_image, partial, export_format)
+        _trace(wrapper, sample_image, partial, export_format, metadata)
     except Exception as e:
         os.remove(partial)
         raise ExportError(
@@ -133,13 +141,20 @@ def _partial_file(path: str) -> str:
     return partial
 
 
-def _trace(wrapper: ExportableRetinaNet, sample_image: Tensor, path: str, export_format: str):
+def _trace(
+    wrapper: ExportableRetinaNet,
+    sample_image: Tensor,
+    path: str,
+    export_format: str,
+    metadata: Optional[Dict[str, Any]] = None,
+):
     with torch.no_grad(), warnings.catch_warnings():
         # Tracer warnings about Python values are expected (detectron2's shape checks); a real
         # problem shows up in the parity check.
         warnings.simplefilter("ignore")
         if export_format == "torchscript":
-            torch.jit.trace(wrapper, (sample_image,), check_trace=False).save(path)
+            traced = torch.jit.trace(wrapper, (sample_image,), check_trace=False)
+            torch.jit.save(traced, path, _extra_files=torchscript_extra_files(metadata) if metadata else None)
             return
         torch.onnx.export(
             wrapper,
@@ -156,6 +171,8 @@ def _trace(wrapper: ExportableRetinaNet, sample_image: Tensor, path: str, export
                 "classes": {0: "detections"},
             },
         )
+    if metadata is not None:
+        write_onnx_metadata(path, metadata)
 
 
 def load_exported(path: str, export_format: str) -> Callable[[Tensor], Detections]:
@@ -281,37 +298,61 @@ def check_parity(
     Raises:
         ExportError: the first image that differs, with its size and the differences.
     """
-    diffs_box: List[float] = [0.0]
-    diffs_score: List[float] = [0.0]
-    total = 0
+    report = ParityReport(len(images), 0, 0.0, 0.0)
     for image in images:
-        ref_boxes, ref_scores, ref_classes = eager_detections(model, image)
-        boxes, scores, classes = run_exported(image)
         size = f"{image.shape[-1]}x{image.shape[-2]}"
-        if len(boxes) != len(ref_boxes):
-            raise ExportError(
-                f"exported model gives {len(boxes)} detections on a {size} image, the eager "
-                f"model {len(ref_boxes)} ({_describe(model)}); a component whose output depends "
-                "on Python values of the input (int(x.shape[-1]), data-dependent if) is traced "
-                "as a constant"
-            )
-        total += len(boxes)
-        if len(boxes) == 0:
-            continue
-        pair = match_detections(boxes, classes, ref_boxes, ref_classes, scores, ref_scores)
-        if (pair < 0).any() or len(set(pair.tolist())) != len(pair):
-            raise ExportError(
-                f"exported and eager detections on a {size} image do not pair up by class and "
-                f"box ({_describe(model)})"
-            )
-        box_diff = (boxes.float() - ref_boxes[pair]).abs().max().item()
-        score_diff = (scores.float() - ref_scores[pair]).abs().max().item()
-        if not box_diff <= box_atol or not score_diff <= score_atol:
-            raise ExportError(
-                f"exported model differs from the eager one on a {size} image: boxes by "
-                f"{box_diff:.3g} px (tolerance {box_atol}), scores by {score_diff:.3g} "
-                f"(tolerance {score_atol})"
-            )
-        diffs_box.append(box_diff)
-        diffs_score.append(score_diff)
-    return ParityReport(len(images), total, max(diffs_box), max(diffs_score))
+        compare_detections(
+            report, run_exported(image), eager_detections(model, image), size, _describe(model),
+            box_atol=box_atol, score_atol=score_atol,
+        )
+    return report
+
+
+def compare_detections(
+    report: ParityReport,
+    detections: Detections,
+    reference: Detections,
+    size: str,
+    components: str,
+    *,
+    box_atol: float,
+    score_atol: float,
+) -> None:
+    """Holds one image's exported detections to the eager ones (as :func:`check_parity`
+    describes) and adds them to ``report``.
+
+    Args:
+        size (str): the image's "WxH", for the error; components (str): the model's backbone,
+            head and anchor generator, for the error.
+
+    Raises:
+        ExportError: they differ.
+    """
+    boxes, scores, classes = detections
+    ref_boxes, ref_scores, ref_classes = reference
+    if len(boxes) != len(ref_boxes):
+        raise ExportError(
+            f"exported model gives {len(boxes)} detections on a {size} image, the eager "
+            f"model {len(ref_boxes)} ({components}); a component whose output depends "
+            "on Python values of the input (int(x.shape[-1]), data-dependent if) is traced "
+            "as a constant"
+        )
+    report.num_detections += len(boxes)
+    if len(boxes) == 0:
+        return
+    pair = match_detections(boxes, classes, ref_boxes, ref_classes, scores, ref_scores)
+    if (pair < 0).any() or len(set(pair.tolist())) != len(pair):
+        raise ExportError(
+            f"exported and eager detections on a {size} image do not pair up by class and "
+            f"box ({components})"
+        )
+    box_diff = (boxes.float() - ref_boxes[pair]).abs().max().item()
+    score_diff = (scores.float() - ref_scores[pair]).abs().max().item()
+    if not box_diff <= box_atol or not score_diff <= score_atol:
+        raise ExportError(
+            f"exported model differs from the eager one on a {size} image: boxes by "
+            f"{box_diff:.3g} px (tolerance {box_atol}), scores by {score_diff:.3g} "
+            f"(tolerance {score_atol})"
+        )
+    report.max_box_diff = max(report.max_box_diff, box_diff)
+    report.max_score_diff = max(report.max_score_diff, score_diff)

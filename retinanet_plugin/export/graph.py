@@ -75,6 +75,22 @@ class ExportableRetinaNet(nn.Module):
             scores (Tensor): (D,) float32, decreasing.
             classes (Tensor): (D,) int64 class indices.
         """
+        boxes, scores, classes = self.detect(image)
+        return self._clip_and_drop_empty(boxes, scores, classes, image)
+
+    def detect(self, image: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The detections of ``image`` before ``detector_postprocess``: the eager model's
+        ``inference`` output, boxes not clipped (the raw-image graph scales them to the original
+        image first, as ``detector_postprocess`` does, then clips).
+
+        Args:
+            image (Tensor): (C, H, W) uint8 or float, pixel values 0-255 in ``INPUT.FORMAT``.
+
+        Returns:
+            boxes (Tensor): (D, 4) float32 XYXY in pixels of ``image``, unclipped.
+            scores (Tensor): (D,) float32, decreasing.
+            classes (Tensor): (D,) int64 class indices.
+        """
         model = self.model
         images = model.preprocess_image([{"image": image.float()}])
         features = model.backbone(images.tensor)
@@ -92,8 +108,7 @@ class ExportableRetinaNet(nn.Module):
             scores.append(s)
             classes.append(c)
         boxes, scores, classes = torch.cat(boxes), torch.cat(scores), torch.cat(classes)
-        boxes, scores, classes = select_detections(pp, boxes, scores, classes)
-        return self._clip_and_drop_empty(boxes, scores, classes, image)
+        return select_detections(pp, boxes, scores, classes)
 
     def _level_candidates(
         self,

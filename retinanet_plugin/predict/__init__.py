@@ -56,6 +56,7 @@ from ..tools.model_setup import (
     test_mapper,
     to_model_input,
 )
+from .backends import ExportedModel, exported_predictor
 from .dataset_ids import log_image_ids, match_dataset
 from .inputs import (
     IMAGE_EXTENSIONS,
@@ -111,6 +112,9 @@ def predict(
 ) -> Tuple[List[str], Dict[str, Any]]:
     """Run ``model`` on every file of ``inputs`` and write the outputs to ``out_dir``.
 
+    ``model`` is the eager model, or an exported file (:class:`~.backends.ExportedModel`, from
+    :func:`~.backends.load_backend`), which gets each image at its original size.
+
     ``model`` runs as the evaluator runs it (:func:`evaluation_model`: with ``TEST.AUG.ENABLED``,
     with test-time augmentation). The JSON files are written however this returns or raises,
     with every image done by then.
@@ -131,7 +135,8 @@ def predict(
         or videos), each already logged as an error; dict: a summary (``images``, ``detections``,
         ``images_per_s``, ``results_file``, ``images_file``).
     """
-    size_divisibility = model.backbone.size_divisibility
+    exported = isinstance(model, ExportedModel)  # --backend onnxruntime / torchscript
+    size_divisibility = 1 if exported else model.backbone.size_divisibility
     postprocessing = model.postprocessing  # the eager model's: TTA and tiles read the same keys
     if tile is None and tile_overlap is not None:
         raise ValueError("--tile-overlap needs --tile SIZE")
@@ -142,24 +147,28 @@ def predict(
             )
         tile_overlap = DEFAULT_OVERLAP if tile_overlap is None else tile_overlap
         TiledPredictor.check_arguments(tile, tile_overlap, size_divisibility)
-    model, test_augmentation = evaluation_model(cfg, model)
+    if exported:  # the file resizes each image itself and runs no TTA
+        predictor, test_augmentation = exported_predictor(cfg, model, batch_size), None
+    else:
+        model, test_augmentation = evaluation_model(cfg, model)
     files, failed = expand_inputs(inputs)
     for pattern in failed:
         logger.error("no such file, folder or glob match: %s", pattern)
     dataset, records = match_dataset(cfg, [f for f in files if not is_video(f)])
     if dataset is None:
-        categories = dataset_categories(cfg)
+        categories = model.categories if exported else dataset_categories(cfg)
     else:
         categories = dataset_classes(dataset, dataset_view(cfg).MODEL.RETINANET.NUM_CLASSES)
     # train_net.py's test-loader mapper: its image format (INPUT.FORMAT) and resize.
     mapper = test_mapper(cfg)
     image_format = mapper.image_format
     writer = Writer(out_dir, image_format, categories, draw_thresh, test_augmentation)
-    predictor = Predictor(model, batch_size, size_divisibility)
+    if not exported:
+        predictor = Predictor(model, batch_size, size_divisibility)
     tiler = None
     if tile is not None:
         tiler = _tiled_predictor(cfg, predictor, mapper, tile, tile_overlap, postprocessing)
-    if batch_size > 1 and test_augmentation is None:
+    if batch_size > 1 and test_augmentation is None and not exported:
         logger.info(
             "--batch-size %d: the evaluator runs one image at a time; batched convolutions may "
             "round differently, so scores and boxes may differ from COCOEvaluator's in the last "

@@ -23,6 +23,7 @@ import threading
 from typing import Iterator, Optional, Sequence
 
 from ..predict import expand_inputs, is_video, predict
+from ..predict.backends import BACKENDS, load_backend
 from .model_setup import load_cfg, load_model, setup_logging
 
 # The command line; the library it runs is retinanet_plugin.predict (re-exported here: the names
@@ -37,7 +38,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--config-file", required=True, help="model config (YAML, or a Python (lazy) .py config)"
     )
-    parser.add_argument("--weights", required=True, help="checkpoint (.pth / .pkl)")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="checkpoint (.pth / .pkl); with --backend onnxruntime / torchscript, the file "
+        "written by retinanet_plugin.tools.export (raw-image input)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default="eager",
+        help="eager (default): the PyTorch model; onnxruntime / torchscript: the exported file "
+        "given as --weights, on CPU (docs/deployment.md)",
+    )
     parser.add_argument(
         "--input", nargs="+", required=True, help="image / video files, folders or globs"
     )
@@ -108,7 +121,12 @@ def _main(args: argparse.Namespace) -> int:
             args.config_file, args.opts, weights=args.weights, device=args.device,
             score_thresh=args.score_thresh, lazy=True,
         )
-        model = load_model(cfg)
+        if args.backend == "eager":
+            model = load_model(cfg)
+        else:
+            if args.device not in (None, "cpu"):
+                raise ValueError(f"--backend {args.backend} runs on the CPU: drop --device")
+            model = load_backend(args.backend, args.weights, cfg)
         failed, summary = predict(
             cfg, model, args.input, args.output, batch_size=args.batch_size,
             draw_thresh=args.draw_thresh, tile=args.tile, tile_overlap=args.tile_overlap,
