@@ -31,7 +31,8 @@ def _coordinate_image(height, width):
 
 
 class FakeDetector:
-    """Sees ``objects`` (x0, y0, x1, y1, score, class[, class seen from x > 0]) in image pixels,
+    """Sees ``objects`` (x0, y0, x1, y1, score, class[, class seen from x > 0, None: missed])
+    in image pixels,
     as a detector sees what
     its input holds: the part inside the crop, clipped to it, in the crop's pixels, a cut object
     scoring in proportion to the part it sees; by decreasing score, as the model returns them.
@@ -49,6 +50,8 @@ class FakeDetector:
         found = []
         for x0, y0, x1, y1, score, cls, *other_cls in self.objects:
             cls = other_cls[0] if other_cls and ox > 0 else cls
+            if cls is None:  # missed by this window
+                continue
             cx0, cy0 = max(x0, ox) - ox, max(y0, oy) - oy
             cx1, cy1 = min(x1, ox + w) - ox, min(y1, oy + h) - oy
             if cx1 <= cx0 or cy1 <= cy0:
@@ -120,6 +123,16 @@ def test_object_cut_by_both_axes_is_taken_from_the_window_that_sees_it_whole():
     assert len(detector.origins) == 4
     assert _boxes(merged) == [[380, 380, 420, 420]]
     assert merged.scores.tolist() == pytest.approx([0.899])
+
+
+def test_cut_object_that_the_other_window_misses_is_kept_cut():
+    """Window 1 would see the crown at 360..440 whole but does not detect it: window 0's cut box
+    (360..400) is the only detection of the crown and stays; the hand-over needs a detection."""
+    detector = FakeDetector([(360, 100, 440, 160, 0.9, 0, None)])
+    tiler = TiledPredictor(detector, 400, 0.25, postprocessing=PostProcessing())
+    merged = tiler(_coordinate_image(400, 700))
+    assert _boxes(merged) == [[360, 100, 400, 160]]
+    assert merged.scores.tolist() == pytest.approx([0.45])  # 0.9 * half of it seen
 
 
 def test_object_wider_than_the_overlap_is_kept_in_pieces_never_lost():

@@ -15,12 +15,15 @@ loader's resize, TTA, an exported backend) and is itself one, for images of any 
    threshold, NMS, ``TEST.DETECTIONS_PER_IMAGE`` per window); its boxes are shifted by the
    window's origin into the whole image's pixels.
 3. **Cut objects.** A box within ``edge_margin`` px of an *internal* edge of its window (an edge
-   that is not the image's border) may be half an object. It is dropped when another window
-   contains the box grown by ``edge_margin`` on every side (clipped to the image): that window
-   extends past the cut and sees the same pixels with more context, so it sees the object whole
-   when the object is no wider than the overlap. Otherwise (an object larger than the overlap,
-   or overlap 0) no window sees it whole and the piece is kept. Dropping never loses an object
-   the other window sees: it only hands it over.
+   that is not the image's border) may be part of an object cut by that edge. It is dropped when
+   another window contains the box grown by ``edge_margin`` on every side (clipped to the image),
+   so extends past the cut and sees those pixels with more context, *and* a detection of that
+   window (same class, unless ``NMS_CLASS_AGNOSTIC``) covers at least ``cover`` (0.5) of the
+   box's area: that window has found the object, whole when the object is no wider than the
+   overlap. NMS cannot do this: a half of an object has IoU 0.5 at most with the whole box. A cut
+   box that no other window contains (an object larger than the overlap, or overlap 0), or that
+   no detection there covers (the other window missed the object), is kept: a cut box is only
+   dropped for a detection of the same object that another window made.
 4. **Cross-tile NMS.** An object inside an overlap strip is detected by each window that sees
    it. Greedily by decreasing score, a detection is removed when a kept, higher-scoring
    detection of *another* window overlaps it with IoU > the model's ``NMS_THRESH_TEST`` (same
@@ -51,12 +54,21 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 
 from ..postprocess import PostProcessing
 
-__all__ = ["DEFAULT_EDGE_MARGIN", "DEFAULT_OVERLAP", "TiledPredictor", "tile_starts"]
+__all__ = [
+    "DEFAULT_COVER",
+    "DEFAULT_EDGE_MARGIN",
+    "DEFAULT_OVERLAP",
+    "TiledPredictor",
+    "tile_starts",
+]
 
 DEFAULT_OVERLAP = 0.25  # 100 px of a 400 px tile, as the demo's training tiles share
 # Pixels within which a box "touches" a window's edge: a cut object's box is clipped to the
 # window's edge by the model's post-processing, or ends a few pixels short of it.
 DEFAULT_EDGE_MARGIN = 4.0
+# A cut box is dropped only when a detection of the window that sees it whole covers at least this
+# fraction of it: the other window must have found the object, not merely contain it.
+DEFAULT_COVER = 0.5
 
 # (H, W, C) image -> its detections, in its pixels
 ImagePredictor = Callable[[np.ndarray], Instances]
@@ -92,6 +104,8 @@ class TiledPredictor:
             ``max_detections`` the whole image's limit.
         size_divisibility (int): the backbone's; a smaller window is refused.
         edge_margin (float): pixels within which a box touches a window's internal edge.
+        cover (float): fraction of a cut box's area that a detection of the window seeing it
+            whole must cover for the cut box to be dropped.
 
     Raises:
         ValueError: an argument out of range, named by its command-line flag.
@@ -106,6 +120,7 @@ class TiledPredictor:
         postprocessing: PostProcessing,
         size_divisibility: int = 1,
         edge_margin: float = DEFAULT_EDGE_MARGIN,
+        cover: float = DEFAULT_COVER,
     ):
         self.check_arguments(size, overlap, size_divisibility)
         if not edge_margin >= 0:
@@ -116,6 +131,7 @@ class TiledPredictor:
         self.overlap_px = math.floor(self.size * self.overlap)  # < size, as overlap < 1
         self.postprocessing = postprocessing
         self.edge_margin = float(edge_margin)
+        self.cover = float(cover)
 
     @staticmethod
     def check_arguments(size: int, overlap: float, size_divisibility: int = 1) -> None:
@@ -193,7 +209,7 @@ class TiledPredictor:
         classes, window_ids = torch.cat(classes), torch.cat(window_ids)
         window_boxes = torch.tensor(windows, dtype=torch.float32).reshape(-1, 4)
 
-        keep = ~self._handed_over(boxes, window_ids, window_boxes, image_size)
+        keep = ~self._handed_over(boxes, classes, window_ids, window_boxes, image_size)
         keep &= ~self._cross_window_duplicates(boxes, scores, classes, window_ids, window_boxes)
         kept = keep.nonzero().squeeze(1)
         order = torch.argsort(scores[kept], descending=True, stable=True)
@@ -205,10 +221,12 @@ class TiledPredictor:
         return merged
 
     def _handed_over(
-        self, boxes: Tensor, window_ids: Tensor, window_boxes: Tensor, image_size: Tuple[int, int]
+        self, boxes: Tensor, classes: Tensor, window_ids: Tensor, window_boxes: Tensor,
+        image_size: Tuple[int, int],
     ) -> Tensor:
         """(D,) bool: boxes touching an internal edge of their window that another window
-        contains with ``edge_margin`` to spare on every side (step 3)."""
+        contains with ``edge_margin`` to spare on every side and covers with a detection of its
+        own (step 3)."""
         height, width = image_size
         m = self.edge_margin
         own = window_boxes[window_ids]  # (D, 4)
@@ -222,13 +240,22 @@ class TiledPredictor:
         limits = torch.tensor([0, 0, width, height], dtype=torch.float32)
         grown = boxes + torch.tensor([-m, -m, m, m])
         grown = torch.maximum(torch.minimum(grown, limits[2:].repeat(2)), limits[:2].repeat(2))
+        areas = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(1)
         handed = torch.zeros_like(touches)
         for i in touches.nonzero().squeeze(1).tolist():
             inside = (window_boxes[:, :2] <= grown[i, :2]).all(1) & (
                 window_boxes[:, 2:] >= grown[i, 2:]
             ).all(1)
             inside[window_ids[i]] = False
-            handed[i] = bool(inside.any())
+            if not inside.any():
+                continue
+            others = inside[window_ids]  # detections of the windows that contain box i
+            if not self.postprocessing.class_agnostic:
+                others &= classes == classes[i]
+            lo = torch.maximum(boxes[others, :2], boxes[i, :2])
+            hi = torch.minimum(boxes[others, 2:], boxes[i, 2:])
+            covered = (hi - lo).clamp(min=0).prod(1) >= self.cover * areas[i]
+            handed[i] = bool(covered.any())
         return handed
 
     def _cross_window_duplicates(
