@@ -81,8 +81,8 @@ def finer_level_moves(cfg: CfgNode, backbone: Backbone) -> Tuple[List[LevelMove]
     elif new_stage in known:
         new_fpn = [new_stage] + fpn_in
     else:
-        return [], (f"the FPN's finest input {fpn_in[0]} is the bottom-up network's finest "
-                    f"stage with an FPN level ({type(bottom_up).__name__} has {sorted(known)})")
+        return [], (f"the FPN's finest input {fpn_in[0]} has no finer res<N> stage in "
+                    f"{type(bottom_up).__name__} (its stages: {sorted(known)})")
     changes: Dict[str, Any] = {}
     if new_fpn != fpn_in:
         changes["MODEL.FPN.IN_FEATURES"] = new_fpn
