@@ -209,8 +209,11 @@ class TiledPredictor:
         classes, window_ids = torch.cat(classes), torch.cat(window_ids)
         window_boxes = torch.tensor(windows, dtype=torch.float32).reshape(-1, 4)
 
-        keep = ~self._handed_over(boxes, classes, window_ids, window_boxes, image_size)
-        keep &= ~self._cross_window_duplicates(boxes, scores, classes, window_ids, window_boxes)
+        # Detections are grouped by window: window w's are boxes[spans[w][0]:spans[w][1]].
+        ends = torch.tensor([len(found) for found in detections]).cumsum(0).tolist()
+        spans = list(zip([0] + ends[:-1], ends))
+        keep = ~self._handed_over(boxes, classes, window_ids, window_boxes, spans, image_size)
+        keep &= ~self._cross_window_duplicates(boxes, scores, classes, window_boxes, spans)
         kept = keep.nonzero().squeeze(1)
         order = torch.argsort(scores[kept], descending=True, stable=True)
         kept = kept[order][: self.max_detections(*image_size)]
@@ -222,7 +225,7 @@ class TiledPredictor:
 
     def _handed_over(
         self, boxes: Tensor, classes: Tensor, window_ids: Tensor, window_boxes: Tensor,
-        image_size: Tuple[int, int],
+        spans: Sequence[Tuple[int, int]], image_size: Tuple[int, int],
     ) -> Tensor:
         """(D,) bool: boxes touching an internal edge of their window that another window
         contains with ``edge_margin`` to spare on every side and covers with a detection of its
@@ -247,11 +250,13 @@ class TiledPredictor:
                 window_boxes[:, 2:] >= grown[i, 2:]
             ).all(1)
             inside[window_ids[i]] = False
-            if not inside.any():
+            # detections of the windows that contain box i
+            others = [torch.arange(*spans[w]) for w in inside.nonzero().squeeze(1).tolist()]
+            if not others:
                 continue
-            others = inside[window_ids]  # detections of the windows that contain box i
+            others = torch.cat(others)
             if not self.postprocessing.class_agnostic:
-                others &= classes == classes[i]
+                others = others[classes[others] == classes[i]]
             lo = torch.maximum(boxes[others, :2], boxes[i, :2])
             hi = torch.minimum(boxes[others, 2:], boxes[i, 2:])
             covered = (hi - lo).clamp(min=0).prod(1) >= self.cover * areas[i]
@@ -259,8 +264,8 @@ class TiledPredictor:
         return handed
 
     def _cross_window_duplicates(
-        self, boxes: Tensor, scores: Tensor, classes: Tensor, window_ids: Tensor,
-        window_boxes: Tensor,
+        self, boxes: Tensor, scores: Tensor, classes: Tensor, window_boxes: Tensor,
+        spans: Sequence[Tuple[int, int]],
     ) -> Tensor:
         """(D,) bool: detections that a kept, higher-scoring detection of another window
         overlaps with IoU > ``nms_thresh`` (same class unless class-agnostic), greedily by
@@ -268,14 +273,14 @@ class TiledPredictor:
         compared, so the cost grows with the overlap strips, not with the image."""
         pp = self.postprocessing
         # rank 0 = highest score; ties by position, as the final sort orders them
-        rank = torch.empty_like(window_ids)
+        rank = torch.empty_like(classes)
         rank[torch.argsort(scores, descending=True, stable=True)] = torch.arange(len(scores))
         beaten_by: dict = {}  # detection -> higher-ranked detections of other windows over it
         for a, b in _overlapping_pairs(window_boxes):
             region = torch.maximum(window_boxes[a], window_boxes[b])
             region[2:] = torch.minimum(window_boxes[a, 2:], window_boxes[b, 2:])
-            in_a = _intersecting(boxes, window_ids, a, region)
-            in_b = _intersecting(boxes, window_ids, b, region)
+            in_a = _intersecting(boxes, spans[a], region)
+            in_b = _intersecting(boxes, spans[b], region)
             if len(in_a) == 0 or len(in_b) == 0:
                 continue
             over = pairwise_iou(Boxes(boxes[in_a]), Boxes(boxes[in_b])) > pp.nms_thresh
@@ -300,12 +305,13 @@ def _overlapping_pairs(window_boxes: Tensor) -> List[Tuple[int, int]]:
     return [tuple(p) for p in meets.nonzero().tolist()]
 
 
-def _intersecting(boxes: Tensor, window_ids: Tensor, window: int, region: Tensor) -> Tensor:
-    """Indices of the detections of ``window`` whose boxes meet ``region`` (x0, y0, x1, y1):
-    only they can overlap a detection of a window whose intersection with it is ``region``."""
+def _intersecting(boxes: Tensor, span: Tuple[int, int], region: Tensor) -> Tensor:
+    """Indices of the detections ``boxes[span[0]:span[1]]`` (one window's) whose boxes meet
+    ``region`` (x0, y0, x1, y1): only they can overlap a detection of a window whose intersection
+    with this one is ``region``."""
+    own = boxes[span[0] : span[1]]
     meets = (
-        (window_ids == window)
-        & (boxes[:, 0] < region[2]) & (boxes[:, 2] > region[0])
-        & (boxes[:, 1] < region[3]) & (boxes[:, 3] > region[1])
+        (own[:, 0] < region[2]) & (own[:, 2] > region[0])
+        & (own[:, 1] < region[3]) & (own[:, 3] > region[1])
     )  # fmt: skip
-    return meets.nonzero().squeeze(1)
+    return meets.nonzero().squeeze(1) + span[0]
