@@ -64,6 +64,7 @@ def test_drawn_boxes_are_the_mappers(dataset):
     samples, about = browse_samples(cfg, 3, seed=7)
     mapper = build_dataset_mapper(cfg, is_train=True)
     for i, (sample, record) in enumerate(zip(samples, dataset)):
+        assert sample.seed == (7, i)
         np.random.seed([7, i])  # what browse_samples seeds image i with
         mapped = mapper(record)
         instances = mapped["instances"]

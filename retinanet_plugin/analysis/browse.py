@@ -61,6 +61,7 @@ class Sample(NamedTuple):
         steps: what happened to the image, e.g. ``["resize 400x400->437x437", "h-flip"]``.
         dropped_crowd: crowd annotations of the record that the mapper dropped
             (``MODEL.RETINANET.CROWD_IGNORE`` off).
+        seed: the ``[seed, index]`` NumPy's generator was seeded with (None: not mapped).
     """
 
     image: np.ndarray
@@ -70,6 +71,7 @@ class Sample(NamedTuple):
     record: Dict[str, Any]
     steps: List[str]
     dropped_crowd: int
+    seed: Optional[Tuple[int, int]] = None
 
 
 def _is_yaml(cfg: Any) -> bool:
@@ -195,7 +197,7 @@ def _mapped(mapper: Any, record: Dict[str, Any], seed: Sequence[int]) -> Sample:
     raw_crowd = sum(a.get("iscrowd", 0) == 1 for a in record.get("annotations", ()))
     return Sample(image, boxes, classes, crowd, record, _steps(augs, recorder.last),
                   raw_crowd - int(crowd.sum()) if not getattr(mapper, "keep_crowd", False)
-                  else 0)
+                  else 0, (int(seed[0]), int(seed[1])))
 
 
 def _raw(record: Dict[str, Any]) -> Sample:
@@ -350,7 +352,9 @@ def draw_sample(
     if about["source"] == "dataset":
         lines.append((f"{about['dataset']}: dataset dicts as registered, no mapper", None))
     else:
-        lines.append((f"{about['dataset']} through the training mapper (seeded)", None))
+        seed = ",".join(str(v) for v in sample.seed or ())
+        lines.append((f"{about['dataset']} through the training mapper (NumPy seed [{seed}])",
+                      None))
         lines.append(("applied: " + (", ".join(sample.steps) or "nothing"), None))
     size = f"{sample.image.shape[0]}x{sample.image.shape[1]} px"
     if h0 and w0 and about["source"] == "mapper":
