@@ -60,9 +60,10 @@ def files(tmp_path_factory):
     config_file, weights = save_detector(cfg, model, str(folder))
     fp32 = str(folder / "model.onnx")
     int8 = str(folder / "model_int8.onnx")
+    # One check image (the tool's own parity test, not this file's subject) keeps it fast.
     assert export_tool.main(
         ["--config-file", config_file, "--weights", weights, "--format", "onnx",
-         "--output", fp32]
+         "--output", fp32, "--check-images", str(folder / "0.png")]
     ) == 0
     rc = quantize_tool.main(
         ["--config-file", config_file, "--onnx", fp32, "--output", int8,

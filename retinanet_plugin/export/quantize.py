@@ -45,6 +45,8 @@ import numpy as np
 
 from detectron2.data import DatasetCatalog
 
+from .metadata import METADATA_KEY, RAW_LAYOUT, RESIZED_LAYOUT
+
 __all__ = [
     "QUANTIZATION_KEY",
     "QUANTIZED_OP_TYPES",
@@ -64,10 +66,6 @@ QUANTIZATION_KEY = "retinanet_plugin.quantization"
 # Convolutions, and the activation directly after one (folded into its output range).
 QUANTIZED_OP_TYPES = ("Conv", "Clip", "Relu")
 _ACTIVATIONS = ("Clip", "Relu")
-# The metadata contract of retinanet_plugin.export.metadata (layouts, key).
-_METADATA_KEY = "retinanet_plugin.metadata"
-RAW_LAYOUT = "NHWC_uint8_BGR_raw"
-RESIZED_LAYOUT = "CHW_resized"
 
 
 @dataclass
@@ -95,7 +93,7 @@ def input_layout(model) -> str:
     Python API without it), read from its input's rank: 4 (N, H, W, 3) raw images, 3 (3, H, W)
     a resized image."""
     for prop in model.metadata_props:
-        if prop.key == _METADATA_KEY:
+        if prop.key == METADATA_KEY:
             return json.loads(prop.value)["input_layout"]
     rank = len(model.graph.input[0].type.tensor_type.shape.dim)
     return RAW_LAYOUT if rank == 4 else RESIZED_LAYOUT
