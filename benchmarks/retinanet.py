@@ -25,8 +25,9 @@ float32; ours runs once per variant, each a config of the plugin's own keys:
   * bf16 / fp16: ``SOLVER.AMP.ENABLED`` + ``SOLVER.AMP.PRECISION`` for the training step,
     ``TEST.AMP.ENABLED`` + ``TEST.AMP.PRECISION`` for inference (fp16: CUDA only);
   * a "-cl" suffix adds ``MODEL.CHANNELS_LAST``.
-The machine's limit: the GFLOP/s of a square matmul in float32 and in each variant's dtype, on
-the same threads (on CUDA with convolutions' TF32 setting), and each row's FLOPs: fvcore's
+The machine's limit: the GFLOP/s of a square matmul (2048, on CUDA 8192) in float32 and in each
+variant's dtype, on the same threads (on CUDA with the convolutions' TF32 setting), timed among
+each row's runs so that it sees the same load; and each row's FLOPs: fvcore's
 ``FlopCountAnalysis`` of the backbone and head on the padded batch (fvcore counts one
 multiply-add as one flop: FLOPs = 2 x its count; post-processing, a few MFLOPs, is left out),
 and a training step counted as 3x the forward (forward + backward for inputs and weights; the
@@ -311,34 +312,27 @@ def forward_flops(model, inputs) -> float:
         return 2.0 * count.total()
 
 
-def matmul_gflops(dtype: torch.dtype, device: str, repeats: int = 5) -> float:
-    """GFLOP/s of an n x n x n matmul in ``dtype`` on this device and these threads (median)."""
+_LIMIT = "matmul limit "  # prefix of the limit's timed functions
+
+
+def matmul_limit_fns(dtypes, device: str) -> Tuple[Dict[str, Callable[[], None]], float]:
+    """One n x n x n matmul per dtype, timed among a row's runs so that it sees the same load;
+    on CUDA float32 with the TF32 setting the convolutions use. Returns (functions, FLOPs)."""
     n = 8192 if torch.device(device).type == "cuda" else 2048
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    times = []
-    for i in range(repeats + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        synchronize(device)
-        if i:  # the first run warms up
-            times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    fns = {}
+    for dtype in sorted(set(dtypes), key=str):
+        a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in "ab")
 
-
-def machine_limits(dtypes, device: str) -> Dict[torch.dtype, float]:
-    """Matmul GFLOP/s per dtype; on CUDA float32 with the TF32 setting the convolutions use."""
-    limits = {}
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
-        for dtype in sorted(set(dtypes), key=str):
-            limits[dtype] = matmul_gflops(dtype, device)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    return limits
+        def run(a=a, b=b):
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+            try:
+                torch.matmul(a, b)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+        fns[_LIMIT + str(dtype).replace("torch.", "")] = run
+    return fns, 2.0 * n ** 3
 
 
 def loadavg() -> str:
@@ -359,6 +353,7 @@ class Row:
     candidates: float
     times: Dict[str, List[float]]  # runner name -> seconds of each run
     gflop: Optional[float] = None  # the stage's work, GFLOP (train and infer)
+    limits: Optional[Dict[str, float]] = None  # dtype name -> matmul GFLOP/s during the runs
 
 
 def main() -> None:
@@ -367,9 +362,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_start = loadavg()
     dtypes = [torch.float32] + [_DTYPES[v.partition("-")[0]] for v in args.variants]
-    limits = {} if args.no_flops else machine_limits(dtypes, args.device)
-    for dtype, gflops in limits.items():
-        print(f"matmul limit {str(dtype).replace('torch.', ''):>9}: {gflops:9.1f} GFLOP/s")
+    limit_fns, limit_flop = ({}, 0.0) if args.no_flops else matmul_limit_fns(dtypes, args.device)
     rows: List[Row] = []
     for model_name in args.models:
         runners = build_runners(model_name, args.variants, args.depth, args.device)
@@ -419,9 +412,14 @@ def main() -> None:
                                                            predictions)
                                    for r in runners[:2]}
                             repeats = args.post_repeats
-                        row.times = time_runs(fns, repeats, args.warmup, args.device)
+                        if row.gflop:
+                            fns.update(limit_fns)
+                        times = time_runs(fns, repeats, args.warmup, args.device)
+                        row.times = {k: v for k, v in times.items() if not k.startswith(_LIMIT)}
+                        row.limits = {k[len(_LIMIT):]: limit_flop / statistics.median(v) / 1e9
+                                      for k, v in times.items() if k.startswith(_LIMIT)}
                         rows.append(row)
-                        print_row(row, runners, limits, header=len(rows) == 1)
+                        print_row(row, runners, header=len(rows) == 1)
     print_loss_shares(rows)
     print()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; "
@@ -449,14 +447,13 @@ def print_loss_shares(rows: List[Row]) -> None:
               + ", ".join(parts))
 
 
-def print_row(row: Row, runners: List[Runner], limits: Dict[torch.dtype, float],
-              header: bool) -> None:
+def print_row(row: Row, runners: List[Runner], header: bool) -> None:
     """One line per runner: median, spread, speedup over detectron2, fraction of the limit."""
     if header:
         print(f"{'model':>5} {'size':>9} {'batch':>5} {'scores':>8} {'stage':>6} "
               f"{'cand/img':>9} {'runner':<16} {'median ms':>10} {'min - max ms':>19} "
               f"{'speedup':>8} {'GFLOP':>7} {'GFLOP/s':>8} {'of limit':>9}")
-    dtypes = {r.name: r.dtype for r in runners}
+    dtypes = {r.name: str(r.dtype).replace("torch.", "") for r in runners}
     reference = statistics.median(next(iter(row.times.values())))
     for name, times in row.times.items():
         median = statistics.median(times)
@@ -464,11 +461,14 @@ def print_row(row: Row, runners: List[Runner], limits: Dict[torch.dtype, float],
                 f"{row.candidates:>9.0f} {name:<16} {median * 1e3:>10.1f} "
                 f"{min(times) * 1e3:>8.1f} - {max(times) * 1e3:>8.1f} "
                 f"{reference / median:>7.2f}x")
-        if row.gflop and limits:
+        if row.gflop and row.limits:
             rate = row.gflop / median
-            line += (f" {row.gflop:>7.1f} {rate:>8.1f} {rate / limits[dtypes[name]]:>8.1%} "
-                     f"{str(dtypes[name]).replace('torch.', '')}")
+            line += (f" {row.gflop:>7.1f} {rate:>8.1f} {rate / row.limits[dtypes[name]]:>8.1%} "
+                     f"{dtypes[name]}")
         print(line, flush=True)
+    if row.limits:
+        print(" " * 50 + "matmul limit during these runs (GFLOP/s, median): " + ", ".join(
+            f"{dtype} {gflops:.1f}" for dtype, gflops in row.limits.items()), flush=True)
 
 
 if __name__ == "__main__":
