@@ -37,7 +37,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--source", choices=("mapper", "dataset"), default="mapper",
                         help="after the training mapper (default) or the dataset dicts as "
                              "registered")
-    parser.add_argument("--num-images", type=int, default=8, metavar="N")
+    parser.add_argument("--num-images", type=int, default=8, metavar="N",
+                        help="images drawn (default 8)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the augmentations (image i: [seed, i]) and of --shuffle")
     parser.add_argument("--shuffle", action="store_true",
