@@ -1,9 +1,12 @@
 """The raw-image graph (issue 17): cv2.imread's BGR images of any size in, predict's detections
 in the images' own pixels out, with the metadata a deployer reads."""
 
+import atexit
+import functools
 import json
-import logging
 import os
+import shutil
+import tempfile
 
 import cv2
 import numpy as np
@@ -11,6 +14,7 @@ import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from detectron2.data import transforms as T
@@ -19,6 +23,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone, build_model
 
 from retinanet_plugin.data import build_dataset_mapper
 from retinanet_plugin.export import (
+    check_raw_parity,
     export_raw_model,
     load_raw_exported,
     match_detections,
@@ -42,6 +47,7 @@ RAW = os.path.join(
     REPO, "datasets", "deepforest", "raw", "2019_YELL_2_541000_4977000_image_crop.png"
 )
 MAX_DETECTIONS = 40
+DATASET = "deepforest_tree_val"  # DeepForest's validation set: its one class "Tree" has id 1
 
 
 class RawTestBackbone(Backbone):
@@ -78,6 +84,8 @@ def tiny_detector():
     cfg.INPUT.MIN_SIZE_TEST = 160
     cfg.INPUT.MAX_SIZE_TEST = 256
     cfg.TEST.DETECTIONS_PER_IMAGE = MAX_DETECTIONS
+    cfg.DATASETS.TEST = (DATASET,)
+    cfg.DATASETS.TRAIN = ()
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     image = build_dataset_mapper(cfg, is_train=False)({"file_name": TILE, "image_id": 0})["image"]
@@ -91,6 +99,26 @@ def tiny_detector():
     return cfg, model
 
 
+@functools.lru_cache(maxsize=None)
+def exported_files():
+    """The tiny detector, its config file and weights, and the raw-image ONNX and TorchScript
+    files ``tools.export`` writes for them (default --input raw), made once per test session
+    (tests/test_predict_backend.py runs them too)."""
+    folder = tempfile.mkdtemp(prefix="test_export_raw_")
+    atexit.register(shutil.rmtree, folder, True)
+    cfg, model = tiny_detector()
+    config_file, weights = save_detector(cfg, model, folder)
+    files = {}
+    for export_format in ("onnx", "torchscript"):
+        files[export_format] = os.path.join(folder, f"model.{export_format}")
+        rc = export_tool.main(
+            ["--config-file", config_file, "--weights", weights, "--format", export_format,
+             "--output", files[export_format], "--check-images", TILE]
+        )  # fmt: skip
+        assert rc == 0
+    return cfg, model, config_file, weights, files
+
+
 def deepforest_images(tmp_path):
     """Real images of three sizes: a 400x400 tile, a whole 1249x1035 image, and an odd
     517x333 crop of it; (path, BGR image as cv2.imread gives it)."""
@@ -102,17 +130,11 @@ def deepforest_images(tmp_path):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("raw")
-    cfg, model = tiny_detector()
+    cfg, model, _, _, files = exported_files()
     images = deepforest_images(tmp)
     spec = raw_input_spec(
         model_setup.test_mapper(cfg).image_format, model_setup.test_augmentations(cfg).augs
     )
-    files = {}
-    for export_format in ("onnx", "torchscript"):
-        files[export_format] = str(tmp / f"model.{export_format}")
-        export_raw_model(
-            model, spec, torch.from_numpy(images[0][1][None]), files[export_format], export_format
-        )
     # predict's own results of the same files: the reference.
     _, summary = predict(cfg, model, [p for p, _ in images], str(tmp / "predict"))
     with open(summary["results_file"]) as f:
@@ -131,10 +153,11 @@ def _xyxy(results):
     return boxes, scores, classes
 
 
-def _max_differences(detections, results):
+def _max_differences(detections, results, category_ids):
     """Counts equal and one-to-one pairing with predict's results; the largest box and score
     differences."""
     boxes, scores, classes = detections
+    classes = torch.tensor(category_ids)[classes]  # as a deployer maps them, by the metadata
     ref_boxes, ref_scores, ref_classes = _xyxy(results)
     assert len(boxes) == len(ref_boxes) > 0
     pair = match_detections(
@@ -153,6 +176,7 @@ def test_raw_graph_gives_predicts_detections(setup, export_format):
     (count, class, boxes in the image's pixels, scores), image by image and in a batch."""
     _, _, _, images, files, reference = setup
     run = load_raw_exported(files[export_format], export_format)
+    category_ids = read_metadata(files[export_format])["category_ids"]
     for path, image in images:
         outputs = run(image[None])
         # TensorRT EfficientNMS layout, zero-padded to D.
@@ -163,7 +187,9 @@ def test_raw_graph_gives_predicts_detections(setup, export_format):
         ]  # fmt: skip
         count = int(outputs[0][0])
         assert all((o[0, count:] == 0).all() for o in outputs[1:])
-        box_diff, score_diff = _max_differences(unpad(outputs, 0), reference[path])
+        box_diff, score_diff = _max_differences(
+            unpad(outputs, 0), reference[path], category_ids
+        )
         # ONNX: onnxruntime's float rounding; the JSON's XYWH -> XYXY adds ~1e-5 px.
         assert box_diff <= 1e-3 and score_diff <= 1e-5, (path, box_diff, score_diff)
         assert (outputs[1][0, :count, 2:] <= torch.tensor(image.shape[1::-1])).all()
@@ -213,42 +239,37 @@ def test_onnx_file_refuses_other_layouts(setup):
         session.run(None, {"images": image})
 
 
-def test_cli_writes_the_metadata_contract(setup, tmp_path, caplog):
+def test_cli_writes_the_metadata_contract(setup):
     """``tools.export`` (default --input raw) on a config naming DeepForest: the file carries
     class names and COCO category ids as COCOEvaluator maps them (DeepForest's "Tree" is id 1),
     the resize, limits and the config; --input resized is marked as such."""
-    cfg, model, _, images, _, _ = setup
-    cfg = cfg.clone()
-    cfg.DATASETS.TEST = ("deepforest_tree_val",)
-    cfg.DATASETS.TRAIN = ()
-    config_file, weights = save_detector(cfg, model, str(tmp_path))
-    outputs = {}
-    for kind, export_format in (("raw", "torchscript"), ("resized", "onnx")):
-        outputs[kind] = str(tmp_path / f"{kind}.model")
-        with caplog.at_level(logging.INFO, logger="retinanet_plugin"):
-            rc = export_tool.main(
-                ["--config-file", config_file, "--weights", weights, "--format", export_format,
-                 "--output", outputs[kind], "--input", kind, "--check-images", images[2][0]]
-            )  # fmt: skip
-        assert rc == 0, caplog.text
-    metadata = read_metadata(outputs["raw"])
-    assert {k: v for k, v in metadata.items() if k not in ("config", "interpolation")} == {
-        "format_version": 1,
-        "input_layout": "NHWC_uint8_BGR_raw",
-        "input_format": "RGB",
-        "min_size_test": 160,
-        "max_size_test": 256,
-        "class_names": ["Tree"],
-        "category_ids": [1],
-        "detections_per_image": MAX_DETECTIONS,
-        "score_thresh_test": 0.05,
-        "config_file": config_file,
-    }
-    assert metadata["interpolation"].startswith("PIL bilinear")
-    with open(config_file) as f:
-        assert metadata["config"].split("WEIGHTS")[0] == f.read().split("WEIGHTS")[0]
-    resized = read_metadata(outputs["resized"])
+    _, model, config_file, _, files = exported_files()
+    for export_format in ("onnx", "torchscript"):
+        metadata = read_metadata(files[export_format])
+        assert {k: v for k, v in metadata.items() if k not in ("config", "interpolation")} == {
+            "format_version": 1,
+            "input_layout": "NHWC_uint8_BGR_raw",
+            "input_format": "RGB",
+            "min_size_test": 160,
+            "max_size_test": 256,
+            "class_names": ["Tree"],
+            "category_ids": [1],
+            "detections_per_image": MAX_DETECTIONS,
+            "score_thresh_test": 0.05,
+            "config_file": config_file,
+        }
+        assert metadata["interpolation"].startswith("PIL bilinear")
+        stored = yaml.safe_load(metadata["config"])
+        with open(config_file) as f:
+            written = yaml.safe_load(f)
+        # The exported weights' path aside, the config the file came from.
+        assert stored["MODEL"].pop("WEIGHTS").endswith("model.pth")
+        written["MODEL"].pop("WEIGHTS")
+        assert stored == written
+    cfg = model_setup.load_cfg(config_file)
+    resized = export_tool.export_metadata(cfg, config_file, model, "resized")
     assert resized["input_layout"] == "CHW_resized" and resized["category_ids"] == [1]
+    assert resized["interpolation"].startswith("none")
 
 
 def test_formats_and_resizes_the_graph_cannot_do_are_refused_by_name():
@@ -259,3 +280,24 @@ def test_formats_and_resizes_the_graph_cannot_do_are_refused_by_name():
     with pytest.raises(ValueError, match="single short side"):
         raw_input_spec("RGB", [T.ResizeShortestEdge((160, 200), 256, "choice")])
     assert raw_input_spec("BGR", [T.ResizeShortestEdge(160, 256, "choice")]) == ("BGR", 160, 256)
+
+
+def test_onnx_loop_runs_the_demos_soft_nms_and_box_voting(setup, tmp_path):
+    """The demo's suppression (Gaussian soft-NMS, box voting) inside the ONNX batch loop, whose
+    body the exporter sees without ranks (its ``t()`` of the box columns was an Identity there
+    until the raw export wrote it as a transpose): predict's detections on two sizes."""
+    cfg, model, spec, images, _, _ = setup
+    cfg = cfg.clone()
+    cfg.merge_from_list(
+        ["MODEL.RETINANET.NMS_TYPE", "soft_gaussian", "MODEL.RETINANET.BOX_VOTING", "True"]
+    )
+    demo = build_model(cfg).eval()
+    demo.load_state_dict(model.state_dict())
+    path = str(tmp_path / "demo.onnx")
+    export_raw_model(demo, spec, torch.from_numpy(images[0][1][None]), path, "onnx")
+    report = check_raw_parity(
+        demo, spec, model_setup.test_augmentations(cfg), load_raw_exported(path, "onnx"),
+        [images[0][1], images[2][1]],
+    )  # fmt: skip
+    # Counts checked image by image above; both images reach the limit.
+    assert report.num_detections == 2 * MAX_DETECTIONS

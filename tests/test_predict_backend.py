@@ -12,32 +12,18 @@ import torch
 
 from retinanet_plugin.export import match_detections, read_metadata
 from retinanet_plugin.export.metadata import write_onnx_metadata
-from retinanet_plugin.tools import export as export_tool
 from retinanet_plugin.tools import predict as predict_tool
 
-from detector_fixture import save_detector
-from test_export_raw import RAW, TILE, tiny_detector
-
-DATASET = "deepforest_tree_val"  # the DeepForest validation set: image ids, category id 1
-
+from test_export_raw import RAW, TILE, exported_files
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The tiny detector's config (naming DeepForest's validation set), weights, and its
-    raw-image exports; the inputs: a dataset tile, a whole image, a 3-frame video."""
+    """test_export_raw's tiny detector (its config naming DeepForest's validation set) and its
+    raw-image exports; the inputs: a dataset tile, a whole image, a 3-frame video; the eager
+    model's predict outputs on them."""
     tmp = tmp_path_factory.mktemp("backend")
-    cfg, model = tiny_detector()
-    cfg.DATASETS.TEST = (DATASET,)
-    cfg.DATASETS.TRAIN = ()
-    config_file, weights = save_detector(cfg, model, str(tmp))
-    files = {}
-    for backend, export_format in (("onnxruntime", "onnx"), ("torchscript", "torchscript")):
-        files[backend] = str(tmp / f"model.{export_format}")
-        rc = export_tool.main(
-            ["--config-file", config_file, "--weights", weights, "--format", export_format,
-             "--output", files[backend], "--check-images", TILE]
-        )  # fmt: skip
-        assert rc == 0
+    _, _, config_file, weights, exports = exported_files()
+    files = {"onnxruntime": exports["onnx"], "torchscript": exports["torchscript"]}
     video = str(tmp / "clip.avi")
     writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (240, 180))
     frame = cv2.imread(RAW)

@@ -6,14 +6,16 @@ Shape shorthand:
     D: ``TEST.DETECTIONS_PER_IMAGE``
 """
 
+import contextlib
 import logging
 import os
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.onnx import symbolic_helper
 
 from detectron2.data import transforms as T
 
@@ -135,6 +137,36 @@ def _save(
         torch.jit.save(scripted, path, _extra_files=extra)
         return
     batch = {0: "batch"}
+    with _transpose_of_unknown_rank():
+        _onnx_export(scripted, sample_images, path)
+    if metadata is not None:
+        write_onnx_metadata(path, metadata)
+
+
+def _transpose(g, self):
+    rank = symbolic_helper._get_tensor_rank(self)
+    if rank is not None and rank < 2:
+        return self
+    # Unknown rank: the graph's t() is that of XYXY box columns (N, 4); the parity check that
+    # follows the export catches any other.
+    return g.op("Transpose", self, perm_i=[1, 0])
+
+
+@contextlib.contextmanager
+def _transpose_of_unknown_rank() -> Iterator[None]:
+    """The exporter writes ``Tensor.t()`` of a tensor of unknown rank as Identity (right for
+    rank < 2 only); inside the batch loop's body, ranks are unknown, so soft-NMS's and box
+    voting's coordinate columns (``boxes.t()``, retinanet_plugin/nms.py) came out untransposed.
+    For the raw export only, ``t`` of an unknown rank becomes a 2-D Transpose."""
+    torch.onnx.register_custom_op_symbolic("aten::t", _transpose, ONNX_OPSET)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::t", ONNX_OPSET)
+
+
+def _onnx_export(scripted: torch.jit.ScriptModule, sample_images: Tensor, path: str) -> None:
+    batch = {0: "batch"}
     torch.onnx.export(
         scripted,
         (sample_images,),
@@ -148,8 +180,6 @@ def _save(
             **{name: batch for name in OUTPUT_NAMES},
         },
     )
-    if metadata is not None:
-        write_onnx_metadata(path, metadata)
 
 
 def load_raw_exported(path: str, export_format: str) -> Callable[[np.ndarray], RawOutputs]:
