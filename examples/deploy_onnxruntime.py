@@ -34,7 +34,7 @@ import onnxruntime
 
 METADATA_KEY = "retinanet_plugin.metadata"
 RAW_LAYOUT = "NHWC_uint8_BGR_raw"
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+VIDEO_SUFFIXES = {".avi", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".webm"}
 RESULTS_FILE = "coco_instances_results.json"
 
 

@@ -92,15 +92,14 @@ def test_the_guard_blocks_torch(tmp_path):
     assert "ImportError: blocked in this test: torch" in probe.stderr
 
 
-def test_example_gives_predicts_results(outputs):
-    folder, images, _ = outputs
-    predicted = json.loads((folder / "predict" / "coco_instances_results.json").read_text())
-    deployed = json.loads((folder / "deploy" / "coco_instances_results.json").read_text())
+def _assert_same_results(predicted, deployed, num_images):
+    """Per image id, the same number of COCO results, paired one to one by category, box and
+    score, within the export tool's parity tolerances."""
     by_image = {}
     for source, results in (("predict", predicted), ("deploy", deployed)):
         for r in results:
             by_image.setdefault(r["image_id"], {"predict": [], "deploy": []})[source].append(r)
-    assert len(by_image) == len(images)
+    assert len(by_image) == num_images
     for image_id, pair in by_image.items():
         ref, got = pair["predict"], pair["deploy"]
         assert len(ref) > 0 and len(got) == len(ref), image_id
@@ -118,6 +117,41 @@ def test_example_gives_predicts_results(outputs):
         # The export tool's parity tolerances (1e-3 px, 1e-5), on XYWH boxes in image pixels.
         torch.testing.assert_close(boxes, ref_boxes[index], rtol=0, atol=1e-3)
         torch.testing.assert_close(scores, ref_scores[index], rtol=0, atol=1e-5)
+
+
+def test_example_gives_predicts_results(outputs):
+    folder, images, _ = outputs
+    predicted = json.loads((folder / "predict" / "coco_instances_results.json").read_text())
+    deployed = json.loads((folder / "deploy" / "coco_instances_results.json").read_text())
+    _assert_same_results(predicted, deployed, len(images))
+
+
+def test_example_on_a_video_gives_predicts_results(outputs):
+    folder, _, _ = outputs
+    video = folder / "clip.avi"
+    # MJPG in AVI: written by every OpenCV build; both tools decode the same frames.
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (160, 120))
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        writer.write(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    writer.release()
+    assert predict_tool.main(
+        ["--config-file", str(folder / "config.yaml"), "--weights", str(folder / "model.pth"),
+         "--input", str(video), "--output", str(folder / "predict_video")]
+    ) == 0
+    # predict numbers a video's frames from 1, as the example does by default.
+    run = _guarded(
+        str(EXAMPLE), "--model", str(folder / "model.onnx"), "--input", str(video),
+        "--output", str(folder / "deploy_video"), cwd=folder,
+    )
+    assert run.returncode == 0, run.stderr
+    predicted = json.loads((folder / "predict_video" / "coco_instances_results.json").read_text())
+    deployed = json.loads((folder / "deploy_video" / "coco_instances_results.json").read_text())
+    assert {r["image_id"] for r in deployed} == {1, 2, 3}
+    _assert_same_results(predicted, deployed, 3)
+    drawn = cv2.VideoCapture(str(folder / "deploy_video" / "clip.mp4"))
+    assert int(drawn.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    drawn.release()
 
 
 def test_example_draws_every_image_at_its_size(outputs):
