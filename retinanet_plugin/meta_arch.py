@@ -331,8 +331,13 @@ class FocalRetinaNet(DenseDetector):
         gt_instances: List[Instances],
     ) -> Dict[str, Tensor]:
         # Under autocast (SOLVER.AMP) the head's outputs are float16 / bfloat16: the losses, the
-        # labels and the normaliser are computed in float32, outside autocast.
-        pred_logits, pred_deltas = _float32(predictions)
+        # labels and the normaliser are computed in float32, outside autocast. A loss with
+        # forward_levels (the fused focal loss) reads low-precision logits and computes in
+        # float32 itself, without a float32 copy of the logits; other losses get that copy.
+        pred_logits, pred_deltas = predictions
+        if not hasattr(self.cls_loss, "forward_levels"):
+            pred_logits = _float32((pred_logits, []))[0]
+        pred_deltas = _float32(([], pred_deltas))[1]
         with torch.autocast(self.device.type, enabled=False):
             anchors = Boxes.cat(self.anchor_generator(features))  # (R, 4)
             gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
