@@ -302,12 +302,11 @@ def _with_range_outputs(model, tensors: Sequence[str]):
             out = f"{name}.{suffix}"
             graph.node.append(helper.make_node(op, [name], [out], keepdims=0))
             outputs.append(out)
+    graph.output.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, []) for o in outputs)
     if loop is None:
-        graph.output.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, []) for o in outputs)
         return model, outputs
     # Loop body outputs: cond, the carried values, then scan outputs; the Loop's outputs: the
     # carried values' finals, then the scans. Appending keeps both orders.
-    graph.output.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, []) for o in outputs)
     scans = [f"{o}.scan" for o in outputs]
     loop.output.extend(scans)
     model.graph.output.extend(
