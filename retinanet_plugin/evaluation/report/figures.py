@@ -49,7 +49,7 @@ def plot_pr_curves(curves: Sequence[PRCurve], table: Sequence[ClassRow], path: s
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(loc="upper right", fontsize=8)
+            ax.legend(loc="upper right", fontsize=9)
         else:
             ax.text(0.5, 0.5, "no class with ground truth", ha="center", transform=ax.transAxes)
     fig.suptitle("Precision-recall per class (COCOeval, 101-point interpolation)")
