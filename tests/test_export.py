@@ -352,7 +352,7 @@ def test_cli_creates_the_output_folder(detector, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="retinanet_plugin"):
         rc = export_tool.main(
             ["--config-file", config_file, "--weights", weights, "--format", "onnx",
-             "--output", str(output)]
+             "--output", str(output), "--input", "resized"]
         )  # fmt: skip
     assert rc == 0, caplog.text
     assert output.is_file() and "max box difference" in caplog.text

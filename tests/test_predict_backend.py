@@ -9,12 +9,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from test_export_raw import RAW, TILE, exported_files
 
 from retinanet_plugin.export import match_detections, read_metadata
 from retinanet_plugin.export.metadata import write_onnx_metadata
 from retinanet_plugin.tools import predict as predict_tool
 
-from test_export_raw import RAW, TILE, exported_files
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

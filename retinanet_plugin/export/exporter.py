@@ -6,7 +6,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -154,7 +154,8 @@ def _trace(
         warnings.simplefilter("ignore")
         if export_format == "torchscript":
             traced = torch.jit.trace(wrapper, (sample_image,), check_trace=False)
-            torch.jit.save(traced, path, _extra_files=torchscript_extra_files(metadata) if metadata else None)
+            extra = torchscript_extra_files(metadata) if metadata else None
+            torch.jit.save(traced, path, _extra_files=extra)
             return
         torch.onnx.export(
             wrapper,

@@ -136,7 +136,6 @@ def _save(
         extra = torchscript_extra_files(metadata) if metadata else None
         torch.jit.save(scripted, path, _extra_files=extra)
         return
-    batch = {0: "batch"}
     with _transpose_of_unknown_rank():
         _onnx_export(scripted, sample_images, path)
     if metadata is not None:

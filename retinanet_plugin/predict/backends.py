@@ -15,7 +15,6 @@ import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 import yaml
 
 from detectron2.config import CfgNode, instantiate
