@@ -18,16 +18,19 @@ BUILD = REPO / "scripts" / "build_wheelhouse.sh"
 GPU_CHECK = REPO / "scripts" / "gpu_check.sh"
 
 # What the GPU machine's Python runs: every test module (pytest imports all of them to collect,
-# even with -k), the package, train_net.py and the two benchmarks of gpu_check.sh.
+# even with -k) and the examples they import, the package, train_net.py and the two benchmarks
+# of gpu_check.sh.
 SOURCES = [
     *sorted((REPO / "tests").glob("*.py")),
+    *sorted((REPO / "examples").glob("*.py")),
     *sorted((REPO / "retinanet_plugin").rglob("*.py")),
     REPO / "train_net.py",
     REPO / "benchmarks" / "focal_loss.py",
     REPO / "benchmarks" / "retinanet.py",
 ]
-# Imported from the repository itself, not from a distribution.
-LOCAL = {"retinanet_plugin", "train_net"} | {p.stem for p in (REPO / "tests").glob("*.py")}
+# Imported from the repository itself (a test puts a folder of it on sys.path), not from a
+# distribution.
+LOCAL = {"retinanet_plugin"} | {p.stem for p in [*REPO.glob("*.py"), *REPO.glob("*/*.py")]}
 # Distributions the wheelhouse gets by another route than WHEELS: Pillow is built for cp312 and
 # detectron2 comes as its sdist (both named in build_wheelhouse.sh's comments).
 BUILT = {"pillow", "pb1-detectron2"}
