@@ -37,5 +37,8 @@ dataloader.train.mapper.skip_unreadable = False
 dataloader.train.mapper.augmentations[0].max_size = 667
 dataloader.test.mapper.augmentations[0].max_size = 667
 train.output_dir = "output/custom_coco"
+# After each evaluation: per-class AP, PR curves, confusion matrix, the AP each error type costs,
+# the worst images (docs/evaluation_report.md), in inference/<dataset>/report/.
+dataloader.report = dict(enabled=True)
 
 register_datasets(dataloader)

@@ -34,3 +34,6 @@ lr_multiplier.scheduler.values = [1.0, 0.1, 0.01]
 lr_multiplier.scheduler.num_updates = 600
 lr_multiplier.warmup_length = 50 / 600
 train.checkpointer.period = 300
+# After each evaluation: per-class AP, PR curves, confusion matrix, the AP each error type costs,
+# the worst images (docs/evaluation_report.md), in inference/<dataset>/report/.
+dataloader.report = dict(enabled=True)
