@@ -114,6 +114,8 @@ def ablate(cfg, model, gt, image_id: int, image: str, args) -> None:
         ("NMS only (no hand-over)", never, cover, pp),
         ("hand-over only (no NMS)", margin, cover, dataclasses.replace(pp, nms_thresh=1.0)),
         ("neither: all windows' boxes", never, cover, dataclasses.replace(pp, nms_thresh=1.0)),
+        ("default rules, no whole-image limit", margin, cover,
+         dataclasses.replace(pp, max_detections=10**6)),
     ]
     print(f"merge of the {len(windows)} windows of --tile {args.tile} --tile-overlap "
           f"{args.ablate:g}, rule by rule:")
