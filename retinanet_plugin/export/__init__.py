@@ -15,6 +15,7 @@ from .exporter import (
 )
 from .graph import ExportableRetinaNet
 from .metadata import METADATA_KEY, MetadataError, read_metadata
+from .quantize import QuantizationReport, quantize_onnx
 from .raw_export import (
     check_raw_parity,
     eager_raw_detections,
@@ -31,6 +32,7 @@ __all__ = [
     "METADATA_KEY",
     "MetadataError",
     "ParityReport",
+    "QuantizationReport",
     "RawImageRetinaNet",
     "RawInputSpec",
     "UnsupportedKeyError",
@@ -44,6 +46,7 @@ __all__ = [
     "load_exported",
     "load_raw_exported",
     "match_detections",
+    "quantize_onnx",
     "raw_input_spec",
     "read_metadata",
     "unpad",
