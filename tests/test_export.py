@@ -321,6 +321,26 @@ def test_cli_refuses_test_time_augmentation_by_key_before_tracing(
     assert not output.exists()
 
 
+def test_cli_refuses_inference_autocast_by_key_before_tracing(
+    detector, tmp_path, caplog, monkeypatch
+):
+    """TEST.AMP runs the eager model in bf16; the graph is float32, so the key is refused (an
+    export with it would be checked against a reference it does not compute)."""
+    cfg, model = detector
+    config_file, weights = save_detector(cfg, model, str(tmp_path))
+    _forbid_tracing(monkeypatch)
+    output = tmp_path / "model.onnx"
+    with caplog.at_level(logging.ERROR, logger="retinanet_plugin"):
+        rc = export_tool.main(
+            ["--config-file", config_file, "--weights", weights, "--format", "onnx",
+             "--output", str(output), "TEST.AMP.ENABLED", "True"]
+        )  # fmt: skip
+    assert rc == 1
+    assert "TEST.AMP.ENABLED True" in caplog.text
+    assert "export with TEST.AMP.ENABLED False" in caplog.text
+    assert not output.exists()
+
+
 def test_a_key_the_graph_lacks_is_refused_by_name_before_tracing(detector, tmp_path, monkeypatch):
     """The refusal reads the key table: a key marked as not honoured by the graph is named with
     the override that exports without it (soft-NMS stands in for such a key)."""

@@ -18,7 +18,7 @@ from detectron2.layers.wrappers import shapes_to_tensor
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
 from ..meta_arch import FocalRetinaNet
-from ..postprocess import PostProcessing, select_detections
+from ..postprocess import PostProcessing, UnsupportedKeyError, select_detections
 
 __all__ = ["ExportableRetinaNet"]
 
@@ -61,6 +61,13 @@ class ExportableRetinaNet(nn.Module):
                 "(MODEL.META_ARCHITECTURE must be FocalRetinaNet)"
             )
         model.postprocessing.check("export")
+        if getattr(model, "test_amp_precision", None) is not None:
+            # The graph is traced in float32; a bf16 / fp16 eager model would not be its reference.
+            raise UnsupportedKeyError(
+                f"TEST.AMP.ENABLED True (model.test_amp_precision={model.test_amp_precision!r}) "
+                "cannot be expressed in an exported graph, which runs in float32; export with "
+                "TEST.AMP.ENABLED False (a .py config: model.test_amp_precision=None)"
+            )
         self.model = model
         # Exporters restore the wrapper's mode afterwards; the detector must stay in inference.
         self.eval()
