@@ -74,7 +74,11 @@ def test_backend_writes_the_eager_results(exported, tmp_path, backend):
         "--batch-size", "2",
     )  # fmt: skip
     assert rc == 0
-    assert got_images == {**eager_images, "images": got_images["images"]}
+    # images.json also says which file ran the images (the eager run: the PyTorch model).
+    assert eager_images["backend"] == {"name": "eager"} and eager_images["tiles"] is None
+    assert got_images["backend"] == {"name": backend, "file": files[backend]}
+    assert got_images == {**eager_images, "images": got_images["images"],
+                          "backend": got_images["backend"]}
     for a, b in zip(got_images["images"], eager_images["images"]):
         assert {**a, "file_name": 0} == {**b, "file_name": 0}
     assert got_images["categories"] == [{"id": 1, "name": "Tree"}]

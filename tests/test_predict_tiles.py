@@ -224,6 +224,8 @@ def test_tiled_predict_is_the_merge_of_untiled_predict_on_each_window(detector, 
         _, tiled = predict(cfg, model, [str(tmp_path / "wide.png")], str(tmp_path / "tiled"),
                            tile=160, tile_overlap=0.2)
     assert "--tile 160: windows of 160 px sharing at least 32 px" in caplog.text
+    with open(tmp_path / "tiled" / "images.json") as f:
+        assert json.load(f)["tiles"] == {"size": 160, "overlap": 0.2}  # said beside the results
     windows = [(0, 0, 160, 160), (128, 0, 288, 160)]
     crops = []
     for i, (x0, y0, x1, y1) in enumerate(windows):

@@ -33,7 +33,9 @@ cannot write, e.g. ``.jfif``, ``.tga`` or none, logged), one annotated ``.mp4`` 
 ``coco_instances_results.json`` (COCO results: image_id, category_id, XYWH bbox, score) and
 ``images.json`` (COCO ``images`` with the id, ``id_from`` (the dataset's name, or "predict"),
 file name, size and, for video frames, the frame index of each input; ``categories`` and
-``categories_from``; ``test_augmentation``: null, or the ``TEST.AUG`` sizes and flip used).
+``categories_from``; ``test_augmentation``: null, or the ``TEST.AUG`` sizes and flip used;
+``backend``: ``{"name": "eager"}``, or the exported file's runtime and path; ``tiles``: null, or
+``--tile`` and ``--tile-overlap``).
 Both JSON files are written however the run ends (an error, Ctrl-C, a SIGTERM), with every image
 processed until then. Inputs that cannot be read are logged by name and skipped.
 
@@ -162,7 +164,11 @@ def predict(
     # train_net.py's test-loader mapper: its image format (INPUT.FORMAT) and resize.
     mapper = test_mapper(cfg)
     image_format = mapper.image_format
-    writer = Writer(out_dir, image_format, categories, draw_thresh, test_augmentation)
+    writer = Writer(
+        out_dir, image_format, categories, draw_thresh, test_augmentation,
+        backend={"name": model.backend, "file": model.path} if exported else None,
+        tiles=None if tile is None else {"size": tile, "overlap": tile_overlap},
+    )
     if not exported:
         predictor = Predictor(model, batch_size, size_divisibility)
     tiler = None

@@ -47,11 +47,17 @@ class Writer:
         categories: Categories,
         draw_thresh: float,
         test_augmentation: Optional[Dict[str, Any]] = None,
+        *,
+        backend: Optional[Dict[str, str]] = None,
+        tiles: Optional[Dict[str, Any]] = None,
     ):
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.image_format = out_dir, image_format
         self.categories = categories
         self.test_augmentation = test_augmentation
+        # How the results were made, for images.json: an exported file ran them, by windows.
+        self.backend = backend or {"name": "eager"}
+        self.tiles = tiles
         self._category_ids = dict(enumerate(categories.ids))
         self.draw_thresh = draw_thresh
         self.results: List[Dict[str, Any]] = []
@@ -132,6 +138,8 @@ class Writer:
             "categories": categories,
             "categories_from": self.categories.dataset,
             "test_augmentation": self.test_augmentation,
+            "backend": self.backend,
+            "tiles": self.tiles,
         }
         results_path = os.path.join(self.out_dir, RESULTS_FILE)
         images_path = os.path.join(self.out_dir, IMAGES_FILE)
