@@ -106,7 +106,7 @@ class _Quadratic(nn.Module):
         return {"loss_cls": (self.w - 1) ** 2, "loss_box_reg": (self.w - 1).abs()}
 
 
-def _train(out, max_iter=6, eval_period=4, extra=()):
+def _train(out, max_iter=6, eval_period=4, extra=(), writer_period=2):
     model = _Quadratic()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = SimpleTrainer(model, iter([None] * max_iter), optimizer)
@@ -120,7 +120,7 @@ def _train(out, max_iter=6, eval_period=4, extra=()):
     trainer.register_hooks([
         hooks.LRScheduler(optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 3, 0.1)),
         hooks.EvalHook(eval_period, evaluate),
-        hooks.PeriodicWriter([JSONWriter(str(out / "metrics.json"))], period=2),
+        hooks.PeriodicWriter([JSONWriter(str(out / "metrics.json"))], period=writer_period),
         TrainingCurvesHook(str(out), "val"),
         *extra,
     ])
@@ -150,6 +150,24 @@ def test_hook_writes_after_each_evaluation_and_at_the_end(tmp_path, monkeypatch)
     for row, record in zip(rows, merged):
         assert {k: v for k, v in row.items() if v != ""} == {k: str(v) for k, v in record.items()}
     assert (tmp_path / "training_curves.png").is_file()
+
+
+def test_hook_waits_for_the_writer_when_the_periods_differ(tmp_path, monkeypatch):
+    """Evaluations after iterations 3 and 7 (period 4), the writer after 2, 5 and 8 (period 3):
+    each evaluation's AP reaches metrics.json at the writer's next flush (5, then 8), and the
+    curves are redrawn then, not before with the AP still missing."""
+    seen = []
+
+    def spy(output_dir, **kwargs):
+        result = curves.write_training_curves(output_dir, **kwargs)
+        with open(result[0]) as f:
+            seen.append([row["bbox/AP"] for row in csv.DictReader(f) if row.get("bbox/AP")])
+        return result
+
+    monkeypatch.setattr("retinanet_plugin.engine.hooks.write_training_curves", spy)
+    _train(tmp_path, max_iter=10, writer_period=3)
+    # The third evaluation is the last step's (iteration 9), drawn after training.
+    assert seen == [["10.0"], ["10.0", "20.0"], ["10.0", "20.0", "30.0"]]
 
 
 def test_a_failing_picture_does_not_stop_training(tmp_path, monkeypatch, caplog):

@@ -3,7 +3,7 @@
 import logging
 from typing import Any, Optional
 
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 
 from ..analysis.curves import write_training_curves
@@ -75,15 +75,25 @@ class TrainingCurvesHook(HookBase):
         logger.info("Training curves: %s, %s", csv_path, picture)
 
     def after_step(self) -> None:
-        # An evaluation (EvalHook, registered before) put its AP at this iteration: redraw. The
-        # last step's evaluation is drawn by after_train, once the writers have flushed it.
+        # An evaluation (EvalHook, registered before) put its AP at this iteration; it reaches
+        # metrics.json when PeriodicWriter next flushes (this step, if the periods agree), so
+        # the redraw waits for that flush. The last step's evaluation is drawn by after_train.
         next_iter = self.trainer.iter + 1
         if next_iter >= self.trainer.max_iter:
             return
         latest = self.trainer.storage.latest()
         if any(key.endswith("/AP") and it == self.trainer.iter
                for key, (_, it) in latest.items()):
+            self._evaluation_waiting = True
+        if getattr(self, "_evaluation_waiting", False) and self._writer_flushed(next_iter):
+            self._evaluation_waiting = False
             self._write()
+
+    def _writer_flushed(self, next_iter: int) -> bool:
+        """Whether a ``PeriodicWriter`` of the trainer wrote metrics.json at this step (no
+        writer found: assume it did)."""
+        periods = [h._period for h in self.trainer._hooks if isinstance(h, hooks.PeriodicWriter)]
+        return not periods or any(next_iter % p == 0 for p in periods)
 
     def after_train(self) -> None:
         self._write()
