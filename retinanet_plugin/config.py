@@ -191,4 +191,36 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
     load_config_file(cfg, config_file)  # refuses YAML tags that would run code
     cfg.merge_from_list(list(opts))
     resolve_dataset_paths(cfg, config_file, opts)
+    check_precision_keys(cfg)
     return cfg
+
+
+def check_precision_keys(cfg: CN) -> None:
+    """Refuses, by key, precision and memory-format settings that would be silently ignored: an
+    unknown ``SOLVER.AMP.PRECISION`` / ``TEST.AMP.PRECISION`` (also while AMP is off), and
+    ``MODEL.CHANNELS_LAST`` / ``TEST.AMP.ENABLED`` with a meta-architecture that does not read
+    them (only :class:`FocalRetinaNet` and its subclasses do; ``SOLVER.AMP`` is the trainer's
+    and serves any model)."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from .meta_arch import FocalRetinaNet
+    from .precision import PRECISIONS
+
+    for key in ("SOLVER.AMP.PRECISION", "TEST.AMP.PRECISION"):
+        section, _, name = key.partition(".")
+        value = cfg[section].AMP.PRECISION
+        if value not in PRECISIONS:
+            raise ValueError(f"{key} must be one of {PRECISIONS}, got {value!r}")
+    arch = cfg.MODEL.META_ARCHITECTURE
+    try:
+        reads_them = issubclass(META_ARCH_REGISTRY.get(arch), FocalRetinaNet)
+    except KeyError:
+        return  # detectron2 names an unknown architecture when the model is built
+    for key, on in (("MODEL.CHANNELS_LAST", cfg.MODEL.CHANNELS_LAST),
+                    ("TEST.AMP.ENABLED", cfg.TEST.AMP.ENABLED)):
+        if on and not reads_them:
+            raise ValueError(
+                f"{key} True is read only by FocalRetinaNet (and its subclasses); "
+                f"MODEL.META_ARCHITECTURE {arch} would ignore it: set {key} False "
+                "(SOLVER.AMP trains any model in mixed precision)"
+            )

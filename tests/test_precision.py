@@ -211,6 +211,22 @@ def test_float16_on_cpu_and_unknown_precisions_are_refused_by_key(detector):
         assert [type(t) for t in trainers] == [SimpleTrainer, AMPTrainer, AutocastTrainer]
 
 
+def test_keys_another_model_would_ignore_are_refused_by_name():
+    """MODEL.CHANNELS_LAST and TEST.AMP are read by FocalRetinaNet; the FocalRPN config's
+    GeneralizedRCNN would ignore them, so its config refuses them (SOLVER.AMP trains it). A
+    misspelt precision is refused also while AMP is off."""
+    from retinanet_plugin.config import load_config
+
+    rpn = str(REPO / "configs" / "faster_rcnn_focal_rpn_R_50_FPN_1x.yaml")
+    for key in ("MODEL.CHANNELS_LAST", "TEST.AMP.ENABLED"):
+        with pytest.raises(ValueError, match=rf"{key} True is read only by FocalRetinaNet.*"
+                                             "GeneralizedRCNN would ignore it"):
+            load_config(rpn, [key, "True"])
+    assert load_config(rpn, ["SOLVER.AMP.ENABLED", "True"]).SOLVER.AMP.ENABLED
+    with pytest.raises(ValueError, match=r"TEST\.AMP\.PRECISION must be one of .* got 'bf16'"):
+        load_config(str(DEMO_YAML), ["TEST.AMP.PRECISION", "bf16"])
+
+
 # --------------------------------------------------------------------------------------------
 # End to end: train_net.py (YAML keys) and its lazy path (.py keys)
 # --------------------------------------------------------------------------------------------
@@ -342,6 +358,12 @@ def test_lazy_keys_train_and_evaluate_in_bf16_channels_last(tiny_coco, tmp_path,
 
     with pytest.raises(ValueError, match=r"train\.amp\.precision = 'float16' on CPU"):
         lazy_train.lazy_main(args("train.amp.enabled=True", "train.amp.precision=float16"))
+    # Keys read only at the first evaluation are refused before the training, not after it.
+    with pytest.raises(ValueError, match=r"model\.test_amp_precision\) = 'float16' on CPU"):
+        lazy_train.lazy_main(args("model.test_amp_precision=float16"))
+    with pytest.raises(ValueError, match=r"dataloader\.report has unknown keys \['score_thr'\]"):
+        lazy_train.lazy_main(args("dataloader.report.score_thr=0.4"))
+    assert not (tmp_path / "run" / "model_final.pth").exists()
 
     built = []
 

@@ -111,6 +111,15 @@ def test_backend_refuses_a_file_of_another_resize_and_warns_of_other_keys(
     assert rc == 2
     assert "was exported with min_size_test 160, the config 200" in caplog.text
     caplog.clear()
+    # Inference in bf16 (TEST.AMP) is the eager model's; the float32 file cannot honour it.
+    with caplog.at_level(logging.ERROR, logger="retinanet_plugin"):
+        rc, _, _ = _predict_or_none(
+            config_file, files["onnxruntime"], [TILE], tmp_path / "amp", "--backend",
+            "onnxruntime", "TEST.AMP.ENABLED", "True",
+        )  # fmt: skip
+    assert rc == 2
+    assert "TEST.AMP.ENABLED True" in caplog.text and "runs in float32" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="retinanet_plugin"):
         rc, _, _ = _predict_or_none(
             config_file, files["torchscript"], [TILE], tmp_path / "b", "--backend",

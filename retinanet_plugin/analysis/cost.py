@@ -150,9 +150,13 @@ def _build(cfg: Any) -> nn.Module:
     from detectron2.config import CfgNode, instantiate
     from detectron2.modeling import build_model
 
-    if isinstance(cfg, CfgNode):
-        return build_model(cfg)
-    return instantiate(cfg.model).to(cfg.train.device)
+    # Seeded, without touching the caller's generator: a two-stage model's ROI-head count
+    # depends on how many proposals its random weights give, which must not vary by run.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if isinstance(cfg, CfgNode):
+            return build_model(cfg)
+        return instantiate(cfg.model).to(cfg.train.device)
 
 
 def _test_input(cfg: Any, image_size: Optional[Sequence[int]]) -> Tuple[torch.Tensor, List[int]]:

@@ -42,7 +42,7 @@ from ..checkpoint import RetinaNetCheckpointer
 from ..data.registration import check_datasets
 from ..evaluation.report import evaluation_reports, model_cost_of, report_settings
 from ..lazy import dataset_config, load_lazy_config, tta_model
-from ..precision import build_step_trainer, training_dtype
+from ..precision import autocast_dtype, build_step_trainer, training_dtype
 from .hooks import SkippedImagesHook, TrainingCurvesHook
 from .launch import wrap_ddp_on_cpu
 from .loss_guard import BatchRecorder, guard_nonfinite_losses
@@ -199,6 +199,11 @@ def _train(cfg: Any, args: argparse.Namespace) -> Dict[str, Any]:
     dtype = training_dtype(
         amp.enabled, amp.get("precision", "auto"), cfg.train.device, "train.amp.precision"
     )
+    # Settings read only at the first evaluation are checked now, not after the training.
+    test_amp = cfg.model.get("test_amp_precision")
+    if test_amp is not None:
+        autocast_dtype(test_amp, cfg.train.device, "TEST.AMP.PRECISION (model.test_amp_precision)")
+    report_settings(cfg)
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)

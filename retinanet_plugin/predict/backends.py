@@ -165,8 +165,17 @@ def load_backend(backend: str, path: str, cfg: Any) -> ExportedModel:
     (:func:`check_metadata`)."""
     if isinstance(cfg, CfgNode):
         postprocessing = PostProcessing.from_config(cfg)
+        test_amp = cfg.TEST.AMP.PRECISION if cfg.TEST.AMP.ENABLED else None
     else:  # a .py config's keys are its model's constructor arguments
         postprocessing = instantiate(cfg.model).postprocessing
+        test_amp = cfg.model.get("test_amp_precision")
+    if test_amp is not None:
+        # As tools.export refuses it: an exported file runs in float32.
+        raise ValueError(
+            f"TEST.AMP.ENABLED True (model.test_amp_precision={test_amp!r}) cannot be honoured "
+            f"by --backend {backend}: {path} runs in float32; predict with TEST.AMP.ENABLED "
+            "False (a .py config: model.test_amp_precision=None), or without --backend"
+        )
     model = ExportedModel(path, backend, postprocessing)
     check_metadata(model.metadata, cfg, path)
     return model
