@@ -165,6 +165,45 @@ def test_cross_window_duplicates_follow_the_models_class_rule_and_limit():
     assert _boxes(limited) == [[20, 20, 60, 60], [80, 20, 120, 60]]
 
 
+def _scripted(readings):
+    """A predictor returning, call by call, one (box in the window's pixels, score) of class 0."""
+    calls = iter(readings)
+
+    def predictor(crop):
+        box, score = next(calls)
+        out = Instances(crop.shape[:2])
+        out.pred_boxes = Boxes(torch.tensor([box]))
+        out.scores = torch.tensor([score])
+        out.pred_classes = torch.tensor([0])
+        return out
+
+    return predictor
+
+
+def test_a_cut_piece_scoring_above_the_whole_reading_does_not_take_it_along():
+    """Windows x 0-400 and 300-700 of a 700 x 400 image; one object at x 340-420. The left
+    window sees 340-400 (cut at its edge) with 0.9, the right one the whole object with 0.8. The
+    piece is handed over, and being dropped it must not suppress the whole box by NMS (IoU
+    60/80 = 0.75 > 0.5): the object survives as the whole box."""
+    tiler = TiledPredictor(_scripted([([340.0, 100, 400, 180], 0.9), ([40.0, 100, 120, 180], 0.8)]),
+                           400, 0.25, postprocessing=PostProcessing())
+    out = tiler(np.zeros((400, 700, 3), np.uint8))
+    assert tiler.windows(400, 700) == [(0, 0, 400, 400), (300, 0, 700, 400)]
+    assert _boxes(out) == [[340.0, 100.0, 420.0, 180.0]] and out.scores.tolist() == [
+        pytest.approx(0.8)]
+
+
+def test_two_cut_readings_that_cover_each_other_keep_the_higher_scoring_one():
+    """An object inside the 100 px overlap strip, touching both windows' inner edges: the left
+    window reads 305-397 (0.9), the right 303-395 (0.8); each is inside the other window and
+    covered by the other's box. Handing each to the other would lose the object: the lower
+    score is handed over first, so the 0.9 reading stays."""
+    tiler = TiledPredictor(_scripted([([305.0, 100, 397, 180], 0.9), ([3.0, 100, 95, 180], 0.8)]),
+                           400, 0.25, postprocessing=PostProcessing())
+    out = tiler(np.zeros((400, 700, 3), np.uint8))
+    assert _boxes(out) == [[305.0, 100.0, 397.0, 180.0]]
+
+
 def test_arguments_refused_by_name():
     pp = PostProcessing()
     with pytest.raises(ValueError, match=r"--tile 16 is smaller than the model's size "

@@ -212,8 +212,11 @@ class TiledPredictor:
         # Detections are grouped by window: window w's are boxes[spans[w][0]:spans[w][1]].
         ends = torch.tensor([len(found) for found in detections]).cumsum(0).tolist()
         spans = list(zip([0] + ends[:-1], ends))
-        keep = ~self._handed_over(boxes, classes, window_ids, window_boxes, spans, image_size)
-        keep &= ~self._cross_window_duplicates(boxes, scores, classes, window_boxes, spans)
+        handed = self._handed_over(
+            boxes, scores, classes, window_ids, window_boxes, spans, image_size
+        )
+        keep = ~handed
+        keep &= ~self._cross_window_duplicates(boxes, scores, classes, window_boxes, spans, handed)
         kept = keep.nonzero().squeeze(1)
         order = torch.argsort(scores[kept], descending=True, stable=True)
         kept = kept[order][: self.max_detections(*image_size)]
@@ -224,12 +227,14 @@ class TiledPredictor:
         return merged
 
     def _handed_over(
-        self, boxes: Tensor, classes: Tensor, window_ids: Tensor, window_boxes: Tensor,
-        spans: Sequence[Tuple[int, int]], image_size: Tuple[int, int],
+        self, boxes: Tensor, scores: Tensor, classes: Tensor, window_ids: Tensor,
+        window_boxes: Tensor, spans: Sequence[Tuple[int, int]], image_size: Tuple[int, int],
     ) -> Tensor:
         """(D,) bool: boxes touching an internal edge of their window that another window
         contains with ``edge_margin`` to spare on every side and covers with a detection of its
-        own (step 3)."""
+        own that is not itself handed over (step 3). Boxes are decided from the lowest score up,
+        so of two cut readings that cover each other (an object inside the overlap strip, cut
+        in both windows) the higher-scoring one stays: an object is never handed to nothing."""
         height, width = image_size
         m = self.edge_margin
         own = window_boxes[window_ids]  # (D, 4)
@@ -245,7 +250,8 @@ class TiledPredictor:
         grown = torch.maximum(torch.minimum(grown, limits[2:].repeat(2)), limits[:2].repeat(2))
         areas = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(1)
         handed = torch.zeros_like(touches)
-        for i in touches.nonzero().squeeze(1).tolist():
+        touching = touches.nonzero().squeeze(1)
+        for i in touching[torch.argsort(scores[touching], stable=True)].tolist():
             inside = (window_boxes[:, :2] <= grown[i, :2]).all(1) & (
                 window_boxes[:, 2:] >= grown[i, 2:]
             ).all(1)
@@ -255,6 +261,7 @@ class TiledPredictor:
             if not others:
                 continue
             others = torch.cat(others)
+            others = others[~handed[others]]
             if not self.postprocessing.class_agnostic:
                 others = others[classes[others] == classes[i]]
             lo = torch.maximum(boxes[others, :2], boxes[i, :2])
@@ -265,11 +272,13 @@ class TiledPredictor:
 
     def _cross_window_duplicates(
         self, boxes: Tensor, scores: Tensor, classes: Tensor, window_boxes: Tensor,
-        spans: Sequence[Tuple[int, int]],
+        spans: Sequence[Tuple[int, int]], handed: Tensor,
     ) -> Tensor:
         """(D,) bool: detections that a kept, higher-scoring detection of another window
         overlaps with IoU > ``nms_thresh`` (same class unless class-agnostic), greedily by
-        decreasing score (step 4). Only detections inside the intersection of two windows are
+        decreasing score (step 4). A box ``handed`` over (step 3) is not kept, so it removes
+        nothing: a cut piece scoring above the whole reading it was handed to must not take
+        that reading with it. Only detections inside the intersection of two windows are
         compared, so the cost grows with the overlap strips, not with the image."""
         pp = self.postprocessing
         # rank 0 = highest score; ties by position, as the final sort orders them
@@ -293,7 +302,7 @@ class TiledPredictor:
                 beaten_by.setdefault(lo, []).append(hi)
         removed = torch.zeros(len(scores), dtype=torch.bool)
         for lo in sorted(beaten_by, key=lambda d: int(rank[d])):
-            removed[lo] = any(not removed[hi] for hi in beaten_by[lo])
+            removed[lo] = any(not removed[hi] and not handed[hi] for hi in beaten_by[lo])
         return removed
 
 
