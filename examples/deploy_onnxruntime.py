@@ -193,6 +193,10 @@ def run_video(detector: Detector, path: Path, args, out_dir: Path) -> list:
             drawn = draw(frame, detections, detector.class_names, args.draw_thresh)
             if writer is None:
                 target = out_dir / (path.stem + ".mp4")
+                if target.resolve() == path.resolve():
+                    raise SystemExit(
+                        f"--output would overwrite the input {path}; choose another folder"
+                    )
                 writer = cv2.VideoWriter(
                     str(target), cv2.VideoWriter_fourcc(*"mp4v"), fps, drawn.shape[1::-1]
                 )

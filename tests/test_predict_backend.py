@@ -145,6 +145,14 @@ def test_backend_refuses_a_checkpoint_and_a_resized_graph_by_name(exported, tmp_
             config_file, weights, [TILE], tmp_path / "b", "--backend", "torchscript"
         )[0] == 2  # fmt: skip
     assert "carries no retinanet_plugin.metadata" in caplog.text
+    # Each runtime given the other's file: named, not left to fail on the bytes.
+    files = exported[2]
+    with caplog.at_level(logging.ERROR, logger="retinanet_plugin"):
+        for backend, other in (("torchscript", "onnxruntime"), ("onnxruntime", "torchscript")):
+            assert _predict_or_none(
+                config_file, files[other], [TILE], tmp_path / backend, "--backend", backend
+            )[0] == 2  # fmt: skip
+            assert f"use --backend {other}" in caplog.text
 
 
 def _predict_or_none(config_file, weights, inputs, out_dir, *extra):

@@ -12,6 +12,7 @@ gives the class names and category ids, and is checked against the config predic
 """
 
 import logging
+import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -71,6 +72,13 @@ class ExportedModel:
                 f"resized); predict runs files exported from raw images: export again without "
                 "--input resized"
             )
+        # A TorchScript file is a zip archive, an ONNX file a protobuf: name the mix-up rather
+        # than let the other runtime fail on the bytes.
+        is_torchscript = zipfile.is_zipfile(path)
+        if is_torchscript != (backend == "torchscript"):
+            kind, right = ("a TorchScript", "torchscript") if is_torchscript else (
+                "an ONNX", "onnxruntime")
+            raise ValueError(f"{path} is {kind} file: use --backend {right}")
         self._run = load_raw_exported(path, BACKENDS[backend])
         self.input_format = self.metadata["input_format"]
         self.postprocessing = postprocessing

@@ -18,6 +18,7 @@ again (same class, IoU > 0.9): int8 is an approximation, so this is a report, no
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -90,6 +91,9 @@ def _check(cfg, fp32_path: str, int8_path: str, layout: str, num_images: int, to
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
+        if os.path.abspath(args.output) == os.path.abspath(args.onnx):
+            raise ValueError(f"--output {args.output} is the float file --onnx reads: choose "
+                             "another path (the check compares the two)")
         cfg = load_cfg(args.config_file, args.opts, lazy=True)
         try:
             model = onnx.load(args.onnx, load_external_data=False)
