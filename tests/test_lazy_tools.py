@@ -54,8 +54,9 @@ def test_export_of_a_lazy_config_equals_its_yaml_twins(weights, tmp_path, export
     outputs = {}
     for name, config, opts in (("yaml", YAML, YAML_OPTS), ("lazy", LAZY, LAZY_OPTS)):
         out = tmp_path / f"{name}.pt"
+        # The single-image graph, run below on the test loader's resized images.
         argv = ["--config-file", str(config), "--weights", weights, "--format", export_format,
-                "--output", str(out), *opts]
+                "--input", "resized", "--output", str(out), *opts]
         assert export_tool.main(argv) == 0, name
         outputs[name] = load_exported(str(out), export_format)
     cfg = load_cfg(str(YAML), YAML_OPTS, weights=weights)
