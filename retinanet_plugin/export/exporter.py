@@ -103,22 +103,34 @@ def export_model(
         raise ValueError(f"sample image must be (3, H, W), got shape {tuple(sample_image.shape)}")
     wrapper = ExportableRetinaNet(model)  # refuses keys the graph cannot express
     sample_image = sample_image.to(model.device)
+    write_complete(
+        path,
+        lambda partial: _trace(wrapper, sample_image, partial, export_format, metadata),
+        f"FocalRetinaNet ({_describe(model)}) to {export_format}",
+    )
+    logger.info("Wrote %s model to %s", export_format, path)
+    return wrapper
+
+
+def write_complete(path: str, write: Callable[[str], None], what: str) -> None:
+    """Runs ``write(partial)`` into a file beside ``path`` (:func:`_partial_file`), then renames
+    it to ``path``: the file appears only when complete.
+
+    Raises:
+        ExportError: ``write`` failed ("cannot export <what>: ...").
+        OSError: the folder cannot be written, naming ``path``.
+    """
     partial = _partial_file(path)
     try:
-        _trace(wrapper, sample_image, partial, export_format, metadata)
+        write(partial)
     except Exception as e:
         os.remove(partial)
-        raise ExportError(
-            f"cannot export FocalRetinaNet ({_describe(model)}) to {export_format}: "
-            f"{type(e).__name__}: {e}"
-        ) from e
+        raise ExportError(f"cannot export {what}: {type(e).__name__}: {e}") from e
     try:
         os.replace(partial, path)
     except OSError as e:
         os.remove(partial)
         raise _write_error(path, e) from e
-    logger.info("Wrote %s model to %s", export_format, path)
-    return wrapper
 
 
 def _write_error(path: str, error: OSError) -> OSError:

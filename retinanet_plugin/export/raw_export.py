@@ -8,7 +8,6 @@ Shape shorthand:
 
 import contextlib
 import logging
-import os
 import warnings
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
@@ -24,12 +23,10 @@ from .exporter import (
     EXPORT_FORMATS,
     ONNX_OPSET,
     Detections,
-    ExportError,
     ParityReport,
     _describe,
-    _partial_file,
-    _write_error,
     compare_detections,
+    write_complete,
 )
 from .graph import ExportableRetinaNet
 from .metadata import torchscript_extra_files, write_onnx_metadata
@@ -92,25 +89,20 @@ def export_raw_model(
     detector = ExportableRetinaNet(model)  # refuses keys the graph cannot express
     preprocess = RawImagePreprocess(spec)
     sample_images = sample_images.to(model.device)
-    partial = _partial_file(path)
-    try:
+    scripted = None
+
+    def write(partial: str) -> None:
+        nonlocal scripted
         with torch.no_grad(), warnings.catch_warnings():
             # Tracer warnings about Python values are expected (detectron2's shape checks); a
             # real problem shows up in the parity check.
             warnings.simplefilter("ignore")
             scripted = _script(detector, preprocess, sample_images)
             _save(scripted, sample_images, partial, export_format, metadata)
-    except Exception as e:
-        os.remove(partial)
-        raise ExportError(
-            f"cannot export FocalRetinaNet ({_describe(model)}) from raw images to "
-            f"{export_format}: {type(e).__name__}: {e}"
-        ) from e
-    try:
-        os.replace(partial, path)
-    except OSError as e:
-        os.remove(partial)
-        raise _write_error(path, e) from e
+
+    write_complete(
+        path, write, f"FocalRetinaNet ({_describe(model)}) from raw images to {export_format}"
+    )
     logger.info("Wrote %s model (raw images) to %s", export_format, path)
     return scripted
 
