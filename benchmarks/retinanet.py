@@ -125,7 +125,9 @@ def model_cfg(model: str, variant: str, depth: int, device: str):
     if model == "demo":
         return load_cfg(DEMO_CONFIG, opts + ["MODEL.MOBILENET.PRETRAINED", "False"],
                         device=device)
-    opts += ["MODEL.RESNETS.DEPTH", str(depth)]
+    # The model-zoo config names detectron2's RetinaNet; ours reads the precision keys (and
+    # the config refuses them for a model that would not), detectron2's is built from it anyway.
+    opts += ["MODEL.META_ARCHITECTURE", "FocalRetinaNet", "MODEL.RESNETS.DEPTH", str(depth)]
     if depth in (18, 34):
         opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
     return load_cfg(model_zoo.get_config_file(R50_CONFIG), opts, device=device)
