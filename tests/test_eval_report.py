@@ -328,3 +328,19 @@ def test_lazy_train_net_writes_the_report_after_evaluation(tmp_path):
     assert summary["overall"]["AP50"] == pytest.approx(res["AP50"], abs=1e-9)
     assert len(summary["worst_images"]) == 1 and (report / "worst_1.jpg").is_file()
     assert summary["model_cost"] is None
+
+
+def test_summary_writes_an_undefined_gain_as_na_and_last():
+    """With every object missed, removing the missed objects leaves no ground truth: that gain
+    is NaN, written "n/a" after the defined ones (before, "+nan" in an arbitrary place)."""
+    from retinanet_plugin.evaluation.report.errors import ERROR_TYPES
+    from retinanet_plugin.evaluation.report.writer import summary_text
+
+    gain = {t: {"AP": 0.0, "AP50": 0.0, "AP75": 0.0} for t in ERROR_TYPES}
+    gain["missed"] = {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")}
+    gain["background"] = {"AP": 2.0, "AP50": 3.0, "AP75": 1.0}
+    summary = {"overall": {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}, "errors": {"gain": gain},
+               "worst_images": []}
+    line = summary_text(summary).splitlines()[1]
+    assert "background +2.0 / +3.0 / +1.0" in line and "nan" not in line
+    assert line.endswith("missed n/a / n/a / n/a")

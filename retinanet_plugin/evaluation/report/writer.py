@@ -93,6 +93,10 @@ def report_settings(cfg: Any) -> ReportSettings:
     return ReportSettings(**values)
 
 
+def _gain(value: float) -> str:
+    return "n/a" if value != value else f"+{value:.1f}"
+
+
 def _fmt(value: float) -> str:
     return "nan" if value != value else f"{value:.2f}"
 
@@ -216,12 +220,15 @@ def write_report(
 def summary_text(summary: Dict[str, Any]) -> str:
     """A few lines for the log: the AP, what costs it most, the worst image."""
     o, e = summary["overall"], summary["errors"]
-    gains = sorted(ERROR_TYPES, key=lambda t: -e["gain"][t]["AP"])
+    # Largest gain first; an undefined gain (NaN: e.g. "missed" when every object is missed,
+    # which leaves no ground truth to score) last, written "n/a".
+    gains = sorted(ERROR_TYPES, key=lambda t: -e["gain"][t]["AP"] if e["gain"][t]["AP"] ==
+                   e["gain"][t]["AP"] else float("inf"))
     lines = [
         f"AP {_fmt(o['AP'])}  AP50 {_fmt(o['AP50'])}  AP75 {_fmt(o['AP75'])}",
         "AP gained if fixed (AP@[.5:.95] / AP50 / AP75): " + ", ".join(
-            f"{t} +{e['gain'][t]['AP']:.1f} / +{e['gain'][t]['AP50']:.1f} / "
-            f"+{e['gain'][t]['AP75']:.1f}" for t in gains),
+            f"{t} " + " / ".join(_gain(e["gain"][t][m]) for m in ("AP", "AP50", "AP75"))
+            for t in gains),
     ]
     if summary["worst_images"]:
         w = summary["worst_images"][0]
