@@ -151,8 +151,11 @@ def test_resumed_stream_equals_uninterrupted(mixed_datasets, tmp_path, case):
     results = _resumed_against_uninterrupted(train_net, tmp_path, opts)
     for start, (expected, resumed, _) in zip(RESUME_AT, results):
         assert resumed == expected, f"resumed at iteration {start}"
-    if "DATALOADER.ASPECT_RATIO_GROUPING" in case and "True" in case:
-        assert any(waiting for _, _, waiting in results)  # images waited across a checkpoint
+    if "DATALOADER.ASPECT_RATIO_GROUPING" in case and "True" in case and "-1" not in case:
+        # Images waited across a checkpoint. Only with a fixed seed: with SEED -1 the shuffle is
+        # drawn anew each run, and some draws leave no image waiting at the checkpoints (the
+        # stream must still resume exactly, asserted above).
+        assert any(waiting for _, _, waiting in results)
     assert _log(tmp_path).count("as an uninterrupted run's") == len(RESUME_AT)
 
 
