@@ -30,18 +30,22 @@ clean-venv:
 	rm -rf $(VENV)
 
 # CPU demo (about 15 minutes on 2 cores): DeepForest tree crowns, RetinaNet with focal loss on a
-# MobileNetV2-FPN, 600 steps with flips, quarter turns and scale jitter, soft-NMS and box voting
-# (configs/demo_deepforest_mobilenet_v2_fpn_long.yaml); writes metrics, TensorBoard events,
-# checkpoints and val_predictions.png under output/demo/ and prints the COCO AP table. One OpenMP
-# thread: with any other busy process on 2 cores, 2 spinning OpenMP threads made each step 5x
-# slower than 1 thread. The data goes where
-# train_net.py looks for it: $DETECTRON2_DATASETS/deepforest, default datasets/deepforest.
+# MobileNetV2-FPN, flips, quarter turns and scale jitter, soft-NMS and box voting; writes
+# metrics, TensorBoard events, checkpoints, val_predictions.png and the evaluation report under
+# output/demo/ and prints the COCO AP table. The recipe follows the CPU (scripts/demo_config.py):
+# with AVX-512 BF16 or AMX, 900 steps in bfloat16 + channels-last
+# (configs/demo_deepforest_mobilenet_v2_fpn_bf16.yaml); otherwise 600 steps in float32
+# (configs/demo_deepforest_mobilenet_v2_fpn_long.yaml); DEMO_PRECISION=bf16|fp32 picks one.
+# One OpenMP thread: with any other busy process on 2 cores, 2 spinning OpenMP threads made each
+# step 5x slower than 1 thread. The data goes where train_net.py looks for it:
+# $DETECTRON2_DATASETS/deepforest, default datasets/deepforest.
 DEMO_THREADS ?= 1
+DEMO_PRECISION ?= auto
 .PHONY: demo
 demo: $(STAMP)
 	$(PY) -m retinanet_plugin.data.deepforest --out "$${DETECTRON2_DATASETS:-datasets}/deepforest"
-	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) train_net.py \
-		--config-file configs/demo_deepforest_mobilenet_v2_fpn_long.yaml
+	config=$$($(PY) scripts/demo_config.py $(DEMO_PRECISION)) && \
+		OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) train_net.py --config-file "$$config"
 
 # Table 1 on the CPU demo (scripts/ablate.py): the classification loss (CE, alpha-balanced CE, FL
 # gamma 0.5 / 1 / 2 / 5, FL*, OHEM) over seeds on the 200-step demo recipe

@@ -211,7 +211,8 @@ def test_config_builds_the_model_of_its_yaml_twin(name):
         assert repr(ours.loss_normalizer) == repr(theirs.loss_normalizer)
         assert type(ours.cls_loss) is type(theirs.cls_loss)
         assert vars(ours.cls_loss) == vars(theirs.cls_loss)
-        for key in ("box_reg_loss_type", "smooth_l1_beta", "crowd_ioa_thresh"):
+        for key in ("box_reg_loss_type", "smooth_l1_beta", "crowd_ioa_thresh",
+                    "channels_last", "test_amp_precision"):
             assert getattr(ours, key) == getattr(theirs, key), key
     else:
         ours_rpn, theirs_rpn = ours.proposal_generator, theirs.proposal_generator
@@ -283,6 +284,12 @@ def test_config_holds_the_data_solver_and_run_of_its_yaml_twin(name):
     edges += [s + d for s in ycfg.SOLVER.STEPS for d in (-1, 0)]
     for it in edges:
         assert ours(it / max_iter) == pytest.approx(theirs(it / max_iter), rel=1e-12), it
+
+    # Mixed precision: train.amp as SOLVER.AMP (the plugin's precision key defaults to "auto").
+    amp = cfg.train.get("amp", {})
+    assert (amp.get("enabled", False), amp.get("precision", "auto")) == (
+        ycfg.SOLVER.AMP.ENABLED, ycfg.SOLVER.AMP.PRECISION
+    )
 
     # Run: weights, checkpoints, seed, output folder.
     assert cfg.train.init_checkpoint == ycfg.MODEL.WEIGHTS
