@@ -53,27 +53,28 @@ logger = logging.getLogger(__name__)
 # The values of SOLVER.AMP.PRECISION / TEST.AMP.PRECISION and their lazy twins.
 PRECISIONS = ("auto", "float16", "bfloat16")
 
-# oneDNN instruction-set caps (the environment variable ONEDNN_MAX_CPU_ISA) that keep its native
-# bfloat16 kernels; any other cap (AVX2, AVX512_CORE, ...) makes oneDNN emulate bfloat16.
-_BF16_ISA_CAPS = frozenset({
-    "ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
-    "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16",
-    "AVX10_2_512", "AVX10_2_512_AMX_2",
+# oneDNN instruction-set caps (the environment variable ONEDNN_MAX_CPU_ISA, or its older name
+# DNNL_MAX_CPU_ISA) below its native bfloat16 kernels: with one of these oneDNN emulates
+# bfloat16. oneDNN matches the names without regard to case and ignores a value it does not
+# know (no cap), so any other value leaves the CPU's own instructions in charge.
+_CAPS_WITHOUT_BF16 = frozenset({
+    "SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_MIC", "AVX512_MIC_4OPS",
+    "AVX512_CORE", "AVX512_CORE_VNNI",
 })
 
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 convolutions and matmuls natively: x86 with AVX-512
     BF16 or AMX (as PyTorch's CPU detection reports), and oneDNN not capped below them by
-    ``ONEDNN_MAX_CPU_ISA``.
+    ``ONEDNN_MAX_CPU_ISA`` (or, when that is unset, ``DNNL_MAX_CPU_ISA``).
 
     Without them oneDNN emulates bfloat16 through float32, and bfloat16 autocast is slower than
     float32: for the demo model's training step on this project's AVX-512 BF16 machine, 2.2x
     slower with ``ONEDNN_MAX_CPU_ISA=AVX512_CORE`` and 11x with ``AVX2`` (docs/training.md).
     Other architectures (Arm with BF16 extensions) report False: not measured here.
     """
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    if cap and cap not in _BF16_ISA_CAPS:
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap.upper() in _CAPS_WITHOUT_BF16:
         return False
     cpu = getattr(torch, "cpu", None)
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):

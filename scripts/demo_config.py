@@ -3,11 +3,11 @@
     python scripts/demo_config.py [auto|bf16|fp32]     (make demo DEMO_PRECISION=...)
 
 - bf16: configs/demo_deepforest_mobilenet_v2_fpn_bf16.yaml, 900 steps in bfloat16 with
-  channels-last (a step of the demo model is about 1.55x faster than float32 on a CPU with
-  AVX-512 BF16 or AMX, so 1.5x the steps fit the same time);
+  channels-last (the demo's training step is about 1.8x faster than float32 on a CPU with
+  AVX-512 BF16 or AMX, so 1.5x the steps take less time);
 - fp32: configs/demo_deepforest_mobilenet_v2_fpn_long.yaml, the float32 recipe, 600 steps;
 - auto (the default): bf16 where the CPU computes bfloat16 natively, fp32 elsewhere (emulated
-  bfloat16 made the same step 2.2x slower than float32, docs/demo.md).
+  bfloat16 made the same step 2.2x (AVX-512) to 11x (AVX2) slower than float32, docs/demo.md).
 """
 
 import argparse

@@ -64,42 +64,63 @@ def test_demo_config_follows_the_cpu_unless_told(native):
         demo_config.choose("fp16", native)
 
 
-def test_onednn_cap_below_bf16_means_emulated(monkeypatch):
+CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+@pytest.fixture
+def uncapped(monkeypatch):
+    for name in CAPS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_onednn_cap_below_bf16_means_emulated(uncapped):
+    monkeypatch = uncapped
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     assert precision.cpu_has_native_bf16()
-    for cap, native in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
-                        ("ALL", True)):
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-        assert precision.cpu_has_native_bf16() is native, cap
+    # oneDNN reads the names without regard to case and ignores values it does not know
+    # (" AVX2" and "FOO" leave it uncapped: measured at native speed).
+    for name in CAPS:
+        for cap, native in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_VNNI", False),
+                            ("AVX512_CORE_BF16", True), ("DEFAULT", True), ("FOO", True),
+                            (" AVX2", True)):
+            monkeypatch.setenv(name, cap)
+            assert precision.cpu_has_native_bf16() is native, (name, cap)
+        monkeypatch.delenv(name)
+    # ONEDNN_MAX_CPU_ISA wins over the older name, as in oneDNN.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "DEFAULT")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    assert precision.cpu_has_native_bf16()
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert not precision.cpu_has_native_bf16()
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     assert not precision.cpu_has_native_bf16()
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert precision.cpu_has_native_bf16()
 
 
-def test_emulated_bf16_is_warned_once_by_key(monkeypatch, caplog):
+def test_emulated_bf16_is_warned_once_by_key(uncapped, caplog):
     precision._warn_emulated_bf16.cache_clear()
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    uncapped.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     with caplog.at_level(logging.WARNING, logger=precision.__name__):
-        for _ in range(3):
-            assert precision.autocast_dtype("auto", "cpu", "SOLVER.AMP.PRECISION") == torch.bfloat16
-        # float32 and CUDA float16 are not bfloat16 on a CPU: nothing to say.
+        for key in ("SOLVER.AMP.PRECISION", "SOLVER.AMP.PRECISION", "TEST.AMP.PRECISION",
+                    "SOLVER.AMP.PRECISION", "TEST.AMP.PRECISION"):
+            assert precision.autocast_dtype("auto", "cpu", key) == torch.bfloat16
+        # CUDA float16 is not bfloat16 on a CPU: nothing to say.
         assert precision.autocast_dtype("auto", "cuda", "TEST.AMP.PRECISION") == torch.float16
     warned = [r.getMessage() for r in caplog.records if "emulates bfloat16" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].startswith("SOLVER.AMP.PRECISION"), warned
+    assert [w.split()[0] for w in warned] == ["SOLVER.AMP.PRECISION", "TEST.AMP.PRECISION"]
     precision._warn_emulated_bf16.cache_clear()
 
 
 @pytest.mark.parametrize("cap, expected", [("AVX2", "fp32"), ("", None)])
-def test_demo_config_script(cap, expected):
-    env = dict(os.environ)
-    env.pop("ONEDNN_MAX_CPU_ISA", None)
+def test_demo_config_script(uncapped, cap, expected):
+    env = {k: v for k, v in os.environ.items() if k not in CAPS}
     if cap:
         env["ONEDNN_MAX_CPU_ISA"] = cap
-    if expected is None:  # this machine, as it is
+    if expected is None:  # this machine, as it is, without a cap
         expected = "bf16" if precision.cpu_has_native_bf16() else "fp32"
     run = subprocess.run([sys.executable, str(REPO / "scripts" / "demo_config.py")], cwd=REPO,
                          env=env, capture_output=True, text=True, check=True)

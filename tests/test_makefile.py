@@ -4,6 +4,7 @@ it."""
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,10 @@ def _demo_data_dir(env, target):
         ["make", "-n", "-s", target, "PY=echo"],
         cwd=REPO, env=env, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    line = next(x for x in recipe.splitlines() if "retinanet_plugin.data.deepforest" in x)
+    # The recipe's shell lines (continuations joined), then the command of a `&&` chain that
+    # prepares the data.
+    commands = [c for x in recipe.replace("\\\n", " ").splitlines() for c in x.split("&&")]
+    line = next(x for x in commands if "retinanet_plugin.data.deepforest" in x)
     echoed = subprocess.run(
         ["bash", "-c", line], cwd=REPO, env=env, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -42,3 +46,16 @@ def test_make_demo_writes_where_train_net_reads(monkeypatch, datasets, target):
     expected = os.path.join(datasets or "datasets", "deepforest")
     assert default_root() == expected
     assert os.path.normpath(written) == expected
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_demo_refuses_an_unknown_precision_before_the_download(tmp_path):
+    # STAMP=Makefile: the install counts as done; the real Python runs scripts/demo_config.py.
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "data"))
+    run = subprocess.run(
+        ["make", "-s", "demo", "DEMO_PRECISION=fp16", "STAMP=Makefile", f"PY={sys.executable}"],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "DEMO_PRECISION must be auto, bf16 or fp32, got 'fp16'" in run.stderr
+    assert not (tmp_path / "data").exists()  # neither the data step nor training ran
