@@ -189,3 +189,23 @@ def test_labels_at_the_edges_stay_inside_the_image():
     colored = (drawn == np.array(example._color(0))).all(axis=2)
     (tw, _), _ = cv2.getTextSize("a long class name 0.90", cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
     assert colored[0].sum() >= tw + 2  # the label's top row, whole, in the first image row
+
+
+def test_example_refuses_to_draw_over_its_input(outputs, tmp_path):
+    folder, images, _ = outputs
+    # An image, and a video whose drawing would be <stem>.mp4: both in the --output folder.
+    image = tmp_path / "photo.png"
+    image.write_bytes(Path(images[0]).read_bytes())
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (160, 120))
+    rng = np.random.default_rng(4)
+    for _ in range(2):
+        writer.write(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    writer.release()
+    for path in (image, video):
+        before = path.read_bytes()
+        run = _guarded(str(EXAMPLE), "--model", str(folder / "model.onnx"), "--input",
+                       str(path), "--output", str(tmp_path), cwd=folder)
+        assert run.returncode != 0
+        assert f"--output would overwrite the input {path}" in run.stderr
+        assert path.read_bytes() == before

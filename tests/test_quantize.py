@@ -4,6 +4,8 @@ detections agree with the float file's."""
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -148,3 +150,16 @@ def test_quantize_refuses_a_quantized_file_by_name(files, tmp_path, caplog):
     assert rc == 1
     assert "already quantized" in caplog.text and int8 in caplog.text
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_quantize_refuses_to_write_over_the_float_file(files, tmp_path, caplog):
+    config_file, fp32, _ = files
+    before = Path(fp32).read_bytes()
+    for output in (fp32, os.path.relpath(fp32)):  # the same file by another spelling too
+        with caplog.at_level(logging.ERROR, logger="retinanet_plugin"):
+            rc = quantize_tool.main(["--config-file", config_file, "--onnx", fp32,
+                                     "--output", output])
+        assert rc == 1
+        assert "is the float file --onnx reads" in caplog.text
+        caplog.clear()
+    assert Path(fp32).read_bytes() == before
