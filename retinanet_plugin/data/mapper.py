@@ -230,7 +230,9 @@ def _crowd_instances(annotations: List[Dict[str, Any]], transforms, image_shape)
         for a in annotations
     ]
     instances = Instances(image_shape)
-    instances.gt_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    # One array first: torch builds a tensor from a list of arrays element by element.
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    instances.gt_boxes = Boxes(torch.from_numpy(boxes))
     instances.gt_classes = torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64)
     instances.gt_is_crowd = torch.ones(len(annotations), dtype=torch.bool)
     return instances[instances.gt_boxes.nonempty()]
