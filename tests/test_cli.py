@@ -168,3 +168,65 @@ def test_help_says_where_flags_go(capsys):
     with pytest.raises(SystemExit):
         argument_parser().parse_args(["--help"])
     assert "Flags may come before or after the KEY VALUE pairs" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides after a list option's files: predict --input, export --check-images
+# --------------------------------------------------------------------------------------------
+def test_looks_like_override(tmp_path):
+    from retinanet_plugin.engine.cli import looks_like_override
+
+    for word in ("MODEL.RETINANET.SCORE_THRESH_TEST", "SEED", "OUTPUT_DIR", "TEST.AMP.ENABLED",
+                 "model.test_score_thresh=0.3", "train.max_iter=10"):
+        assert looks_like_override(word), word
+    # File names, globs (also ones that start like a key), folders, values, and a lazy-looking
+    # word without "=".
+    for word in ("a.png", "IMG_001.JPG", "frames/*.png", "datasets/MODEL.png", "0.3",
+                 "model.pth", "weights=x.pth", "INPUT.*", "TEST.v2/*.png", "TEST.v2/**/*.png",
+                 "MODEL.[ab].png", "./MODEL.png"):
+        assert not looks_like_override(word), word
+    # A lazy value may hold glob characters: only the key is looked at.
+    assert looks_like_override("model.anchor_generator.sizes=[[16]]")
+    # An existing file is a file, whatever its name.
+    (tmp_path / "MODEL.X").write_text("")
+    assert not looks_like_override(str(tmp_path / "MODEL.X"))
+
+
+@pytest.mark.parametrize("tool", ["predict", "export"])
+def test_overrides_after_the_files_are_overrides(tool, tmp_path):
+    from retinanet_plugin.tools import export, predict
+
+    image = str(tmp_path / "a.png")
+    if tool == "predict":
+        parse, option, dest = predict.parse_args, "--input", "input"
+        base = ["--config-file", "c.yaml", "--weights", "w.pth", "--output", "out"]
+    else:
+        parse, option, dest = export.parse_args, "--check-images", "check_images"
+        base = ["--config-file", "c.yaml", "--weights", "w.pth", "--format", "onnx",
+                "--output", "m.onnx"]
+    args = parse(base + [option, image, "b/*.png", "MODEL.DEVICE", "cpu", "SEED", "3"])
+    assert getattr(args, dest) == [image, "b/*.png"]
+    assert args.opts == ["MODEL.DEVICE", "cpu", "SEED", "3"]
+    # Overrides before and after another flag keep their order; lazy key=value words too.
+    args = parse(base[:-2] + [option, image, "model.test_score_thresh=0.3", base[-2], base[-1],
+                              "train.device=cpu"])
+    assert getattr(args, dest) == [image]
+    assert args.opts == ["model.test_score_thresh=0.3", "train.device=cpu"]
+    # Without overrides, nothing moves; a "--" before the overrides is dropped.
+    assert getattr(parse(base + [option, image]), dest) == [image]
+    args = parse(base + [option, image, "--", "MODEL.DEVICE", "cpu"])
+    assert (getattr(args, dest), args.opts) == ([image], ["MODEL.DEVICE", "cpu"])
+    # The option given twice: the files of both, the overrides after the first kept.
+    args = parse(base + [option, image, "MODEL.DEVICE", "cpu", option, "frames", "SEED", "3"])
+    assert getattr(args, dest) == [image, "frames"]
+    assert args.opts == ["MODEL.DEVICE", "cpu", "SEED", "3"]
+
+
+def test_predict_refuses_overrides_in_place_of_its_input(capsys):
+    from retinanet_plugin.tools import predict
+
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--config-file", "c.yaml", "--weights", "w.pth", "--output", "o",
+                            "--input", "MODEL.DEVICE", "cpu"])
+    err = capsys.readouterr().err
+    assert "--input names no image" in err and "./MODEL.DEVICE" in err

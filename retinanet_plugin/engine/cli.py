@@ -15,6 +15,8 @@ status 1, also when the check failed in one of several processes.
 
 import argparse
 import functools
+import glob
+import os
 import sys
 import traceback
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
@@ -27,7 +29,15 @@ from ..data.coco_check import CocoCheckError
 from ..data.registration import check_datasets, register_config_datasets
 from .launch import launch
 
-__all__ = ["ArgumentParser", "DataError", "argument_parser", "run_main"]
+__all__ = [
+    "ArgumentParser",
+    "DataError",
+    "FilesThenOverrides",
+    "argument_parser",
+    "looks_like_override",
+    "move_trailing_overrides",
+    "run_main",
+]
 
 DATA_ERROR_EXIT_STATUS = 1
 
@@ -95,6 +105,61 @@ class ArgumentParser(argparse.ArgumentParser):
             known = sorted(s for s in self._option_string_actions if s.startswith("--"))
             message += f" ({', '.join(unknown)}: not among the flags {', '.join(known)})"
         return message
+
+
+# The first word of a config override: a YAML config's top-level keys (detectron2's; the plugin
+# adds none at the top) and a lazy config's top-level nodes (``node.key=value`` words).
+_YAML_TOP_KEYS = frozenset({
+    "CUDNN_BENCHMARK", "DATALOADER", "DATASETS", "FLOAT32_PRECISION", "GLOBAL", "INPUT", "MODEL",
+    "OUTPUT_DIR", "SEED", "SOLVER", "TEST", "VERSION", "VIS_PERIOD",
+})
+_LAZY_TOP_NODES = frozenset({"dataloader", "lr_multiplier", "model", "optimizer", "train"})
+
+
+def looks_like_override(word: str) -> bool:
+    """Whether ``word`` starts the config overrides rather than naming files: it is not an
+    existing path, its key (before any ``=``) holds no folder separator or glob character, and
+    it is a YAML key under a top-level key (``MODEL.DEVICE``, ``SEED``) or a lazy config's
+    ``node.key=value`` word (``model.test_score_thresh=0.3``)."""
+    key, is_word = word.split("=", 1)[0], "=" in word
+    if os.path.exists(word) or glob.has_magic(key) or "/" in key or "\\" in key:
+        return False
+    top = key.split(".", 1)[0]
+    return top in _LAZY_TOP_NODES if is_word else top in _YAML_TOP_KEYS
+
+
+# Where FilesThenOverrides keeps the overrides it finds, until move_trailing_overrides.
+_MOVED = "_overrides_after_files"
+
+
+class FilesThenOverrides(argparse.Action):
+    """The action of a list option (``nargs`` "+" or "*") of files followed, perhaps, by config
+    overrides: such an option takes every word after it, so ``--input a.png MODEL.DEVICE cpu``
+    would read the override as two more files. From the first word that
+    :func:`looks_like_override`, the words are kept aside for :func:`move_trailing_overrides`.
+    The files of every occurrence of the option are kept, in order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        values = list(values)
+        split = next((i for i, w in enumerate(values) if looks_like_override(w)), len(values))
+        files = list(getattr(namespace, self.dest, None) or [])
+        setattr(namespace, self.dest, files + values[:split])
+        setattr(namespace, _MOVED, list(getattr(namespace, _MOVED, [])) + values[split:])
+
+
+def move_trailing_overrides(namespace: argparse.Namespace) -> List[str]:
+    """Puts the overrides that :class:`FilesThenOverrides` options set aside in front of
+    ``namespace.opts`` (and drops a ``--`` that starts ``opts``).
+
+    Returns:
+        list[str]: the words moved.
+    """
+    moved = list(vars(namespace).pop(_MOVED, []))
+    opts = list(getattr(namespace, "opts", None) or [])
+    if opts[:1] == ["--"]:
+        opts = opts[1:]
+    namespace.opts = moved + opts
+    return moved
 
 
 def argument_parser(epilog: Optional[str] = None) -> ArgumentParser:

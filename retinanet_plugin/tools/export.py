@@ -39,6 +39,7 @@ from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 
 from ..data.mapper import read_image
+from ..engine.cli import FilesThenOverrides, move_trailing_overrides
 from ..export import (
     EXPORT_FORMATS,
     ExportError,
@@ -89,6 +90,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--check-images",
         nargs="*",
         default=[],
+        action=FilesThenOverrides,
         help="images to check the exported file on (read as predict reads them; with --input "
         "resized, resized by the test loader's mapper); default: random images of three sizes",
     )
@@ -100,7 +102,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=[],
         help="config overrides: KEY VALUE pairs (YAML), key=value words (.py)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Overrides written after the images (--check-images a.png MODEL.DEVICE cpu) are overrides.
+    move_trailing_overrides(args)
+    return args
 
 
 def check_images(cfg, paths: Sequence[str]) -> List[torch.Tensor]:

@@ -22,6 +22,7 @@ import sys
 import threading
 from typing import Iterator, Optional, Sequence
 
+from ..engine.cli import FilesThenOverrides, move_trailing_overrides
 from ..predict import expand_inputs, is_video, predict
 from ..predict.backends import BACKENDS, load_backend
 from .model_setup import load_cfg, load_model, setup_logging
@@ -52,7 +53,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "given as --weights, on CPU (docs/deployment.md)",
     )
     parser.add_argument(
-        "--input", nargs="+", required=True, help="image / video files, folders or globs"
+        "--input", nargs="+", required=True, action=FilesThenOverrides,
+        help="image / video files, folders or globs (config overrides may follow them)",
     )
     parser.add_argument("--output", required=True, help="folder for drawings and JSON files")
     parser.add_argument(
@@ -88,7 +90,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=[],
         help="config overrides: KEY VALUE pairs (YAML), key=value words (.py)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Overrides written after the files (--input a.png MODEL.DEVICE cpu) are overrides.
+    moved = move_trailing_overrides(args)
+    if not args.input:
+        parser.error(
+            "--input names no image, video, folder or glob before the config overrides "
+            f"({' '.join(moved)}); a file named like a config key is written ./{moved[0]}"
+        )
+    return args
 
 
 def _exit_on_sigterm(signum, frame) -> None:
