@@ -86,7 +86,10 @@ def cpu_has_native_bf16() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _warn_emulated_bf16(key: str) -> None:
-    """Once per key and process: bfloat16 on a CPU that only emulates it."""
+    """Once per key and process (inference asks at every call): warns if this CPU only
+    emulates bfloat16."""
+    if cpu_has_native_bf16():
+        return
     logger.warning(
         "%s asks for bfloat16 on a CPU without AVX-512 BF16 or AMX (or with ONEDNN_MAX_CPU_ISA "
         "capped below them): oneDNN emulates bfloat16 there, and a training step of the demo "
@@ -119,7 +122,7 @@ def autocast_dtype(precision: str, device: Union[str, torch.device], key: str) -
         )
     else:
         dtype = getattr(torch, precision)
-    if device_type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+    if device_type == "cpu" and dtype == torch.bfloat16:
         _warn_emulated_bf16(key)
     return dtype
 

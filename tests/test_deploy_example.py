@@ -126,15 +126,20 @@ def test_example_gives_predicts_results(outputs):
     _assert_same_results(predicted, deployed, len(images))
 
 
+def _write_video(path, fourcc, frames, seed):
+    """``frames`` random 160x120 frames at 5 fps."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 5.0, (160, 120))
+    rng = np.random.default_rng(seed)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    writer.release()
+
+
 def test_example_on_a_video_gives_predicts_results(outputs):
     folder, _, _ = outputs
     video = folder / "clip.avi"
     # MJPG in AVI: written by every OpenCV build; both tools decode the same frames.
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (160, 120))
-    rng = np.random.default_rng(3)
-    for _ in range(3):
-        writer.write(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
-    writer.release()
+    _write_video(video, "MJPG", frames=3, seed=3)
     assert predict_tool.main(
         ["--config-file", str(folder / "config.yaml"), "--weights", str(folder / "model.pth"),
          "--input", str(video), "--output", str(folder / "predict_video")]
@@ -197,11 +202,7 @@ def test_example_refuses_to_draw_over_its_input(outputs, tmp_path):
     image = tmp_path / "photo.png"
     image.write_bytes(Path(images[0]).read_bytes())
     video = tmp_path / "clip.mp4"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (160, 120))
-    rng = np.random.default_rng(4)
-    for _ in range(2):
-        writer.write(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
-    writer.release()
+    _write_video(video, "mp4v", frames=2, seed=4)
     for path in (image, video):
         before = path.read_bytes()
         run = _guarded(str(EXAMPLE), "--model", str(folder / "model.onnx"), "--input",
